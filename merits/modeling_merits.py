@@ -1,0 +1,1276 @@
+# coding=utf-8
+"""MERITS-L and MiSTER-E: speech + text emotion recognition in conversations.
+
+Shipped to the Hugging Face Hub as remote code next to `configuration_merits.py`: this file imports only torch,
+transformers, numpy and the configuration file. Section numbers refer to `shared/spec/papers.md`.
+
+Building blocks, top-down order of the data flow:
+
+- `MeritsTextEncoder` / `MeritsSpeechEncoder`: utterance encoders (Stage I), one vector + logits per utterance.
+- `MeritsContextEncoder`: context over the turns of a conversation (MERITS-L Stage II Bi-GRU + self-attention §3.5;
+  MiSTER-E conv 1/3/5 + Bi-GRU speech and text experts §4.3).
+- `MeritsCoAttentionFusion`: cross-attention then self-attention blocks between the two streams (MERITS-L Stage III
+  §3.6; the MiSTER-E cross-modal expert §4.3).
+- `MeritsGate`: per-turn mixture weights over the MiSTER-E experts.
+- loss functions (masked focal, masked SupCon, masked symmetric KL).
+- `MeritsPreTrainedModel` and `MeritsForConversationClassification`.
+
+Shapes: B conversations, T turns, N = number of real turns (`turn_mask.sum()`), C classes. Utterance-level raw inputs
+are flattened over real turns in row-major order (conversation b, then turn t).
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from transformers import AutoModel, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_merits import EXPERTS, MeritsConfig, _backbone_hidden_size
+
+
+try:  # transformers >= 5: init functions that respect already-loaded weights
+    from transformers import initialization as init
+except ImportError:  # pragma: no cover - older transformers
+    from torch.nn import init
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MeritsConversationClassifierOutput(ModelOutput):
+    """
+    Output of [`MeritsForConversationClassification`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): total loss of the stage (when `labels` are given).
+        logits (`torch.FloatTensor` of shape `(B, T, C)`): the final head of the stage: fusion / gate mixture where a
+            turn has both modalities, otherwise the available modality.
+        utterance_text_logits, utterance_audio_logits (`(B, T, C)`, *optional*): Stage I utterance logits.
+        context_text_logits, context_audio_logits (`(B, T, C)`, *optional*): Stage II logits (MiSTER-E: the text and
+            speech experts).
+        fusion_logits (`(B, T, C)`, *optional*): co-attention fusion logits (MiSTER-E: the cross-modal expert).
+        expert_logits (`tuple` of 3 `(B, T, C)` or `None`, *optional*): MiSTER-E (speech, text, cross-modal) expert
+            logits; `None` for an expert not in `config.experts`.
+        gate_weights (`(B, T, 3)`, *optional*): MiSTER-E gate weights in the order (speech, text, cross-modal); 0 for
+            an expert that is disabled or whose modality is absent at that turn.
+        text_embeds, audio_embeds (`(B, T, D)`, *optional*): the utterance embeddings used (zero where absent).
+        loss_terms (`dict[str, torch.FloatTensor]`, *optional*): every term of the loss, unweighted, detached.
+    """
+
+    loss: Optional[torch.FloatTensor] = None
+    logits: Optional[torch.FloatTensor] = None
+    utterance_text_logits: Optional[torch.FloatTensor] = None
+    utterance_audio_logits: Optional[torch.FloatTensor] = None
+    context_text_logits: Optional[torch.FloatTensor] = None
+    context_audio_logits: Optional[torch.FloatTensor] = None
+    fusion_logits: Optional[torch.FloatTensor] = None
+    expert_logits: Optional[tuple] = None
+    gate_weights: Optional[torch.FloatTensor] = None
+    text_embeds: Optional[torch.FloatTensor] = None
+    audio_embeds: Optional[torch.FloatTensor] = None
+    loss_terms: Optional[dict] = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax of `scores` over `dim` restricted to `mask` (True = keep). Fully masked rows give all zeros."""
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=dim) * mask.to(scores.dtype)
+
+
+def causal_mask(length: int, device) -> torch.Tensor:
+    """[T, T] bool, True where query turn i may see key turn j (j <= i)."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
+
+
+def check_turn_mask(turn_mask: torch.Tensor) -> torch.Tensor:
+    """Return `turn_mask` as bool after checking that the real turns of every conversation come first."""
+    if turn_mask.dim() != 2:
+        raise ValueError(f"`turn_mask` must be [B, T], got shape {tuple(turn_mask.shape)}.")
+    mask = turn_mask.bool()
+    # a prefix mask never goes 0 -> 1 along the turn axis
+    bad = (~mask[:, :-1]) & mask[:, 1:]
+    if bad.any():
+        b, t = bad.nonzero()[0].tolist()
+        raise ValueError(
+            f"`turn_mask` of conversation {b} has a real turn {t + 1} after a padded turn {t}: the real turns of a "
+            "conversation must come first, padding last."
+        )
+    return mask
+
+
+def scatter_turns(flat: torch.Tensor, turn_mask: torch.Tensor) -> torch.Tensor:
+    """[N, ...] rows of the real turns -> [B, T, ...] with zeros at padded turns."""
+    n_real = int(turn_mask.sum())
+    if flat.shape[0] != n_real:
+        raise ValueError(
+            f"Got {flat.shape[0]} utterances but `turn_mask` has {n_real} real turns: flattened utterance inputs "
+            "must have one row per real turn (conversation b, then turn t)."
+        )
+    out = flat.new_zeros(*turn_mask.shape, *flat.shape[1:])
+    out[turn_mask] = flat
+    return out
+
+
+def _default_modality_mask(mask, turn_mask, name):
+    if mask is None:
+        return turn_mask
+    if mask.shape != turn_mask.shape:
+        raise ValueError(f"`{name}` must have the shape of `turn_mask` {tuple(turn_mask.shape)}, got {tuple(mask.shape)}.")
+    return mask.bool() & turn_mask
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def focal_loss(logits, labels, gamma=3.0, mask=None, ignore_index=-100):
+    """Masked focal loss: mean over the selected turns of (1 - p_y)^gamma * CE (gamma 0 = cross-entropy).
+
+    Turns with `labels == ignore_index` or `mask == False` are left out of the mean (§6 #14), so padding never changes
+    the value. With no turn selected the loss is an exact (differentiable) zero.
+    """
+    valid = labels != ignore_index
+    if mask is not None:
+        valid = valid & mask.bool()
+    if not valid.any():
+        return logits.sum() * 0.0
+    selected = logits[valid]
+    ce = F.cross_entropy(selected.float(), labels[valid], reduction="none")
+    if gamma:
+        p_true = torch.exp(-ce)
+        ce = (1.0 - p_true).pow(gamma) * ce
+    return ce.mean()
+
+
+def supervised_contrastive_loss(text_repr, audio_repr, labels, mask, temperature=1.0, ignore_index=-100):
+    """Masked SupCon (§4.3) between paired speech/text representations.
+
+    Rows: the labelled turns with `mask` (real turns that have BOTH modalities). Both views are stacked into 2N
+    L2-normalised anchors; positives are the other rows with the same label (so the other view of the same turn is
+    always positive); self-pairs are excluded. Loss = -mean over anchors of the mean log-softmax over positives.
+    """
+    valid = mask.bool() & (labels != ignore_index)
+    if not valid.any():
+        return (text_repr.sum() + audio_repr.sum()) * 0.0
+    features = torch.cat([text_repr[valid], audio_repr[valid]], dim=0).float()
+    features = F.normalize(features, dim=-1)
+    row_labels = torch.cat([labels[valid], labels[valid]], dim=0)
+    similarity = features @ features.t() / temperature
+    not_self = ~torch.eye(similarity.shape[0], dtype=torch.bool, device=similarity.device)
+    similarity = similarity.masked_fill(~not_self, torch.finfo(similarity.dtype).min)
+    log_prob = similarity - torch.logsumexp(similarity, dim=1, keepdim=True)
+    positives = (row_labels[:, None] == row_labels[None, :]) & not_self
+    mean_log_prob_pos = (log_prob * positives).sum(1) / positives.sum(1)
+    return -mean_log_prob_pos.mean()
+
+
+def symmetric_kl_loss(expert_logits, available):
+    """Masked symmetric KL (§4.3) averaged over expert pairs.
+
+    `expert_logits` [B, T, E, C], `available` [B, T, E] bool. For each pair (i, j), KL(p_i||p_j) + KL(p_j||p_i) summed
+    over classes and averaged over the turns where both experts are available; then averaged over the E(E-1)/2 pairs.
+    A pair with no shared turn contributes zero.
+    """
+    num_experts = expert_logits.shape[-2]
+    if num_experts < 2:
+        return expert_logits.sum() * 0.0
+    log_probs = F.log_softmax(expert_logits.float(), dim=-1)
+    probs = log_probs.exp()
+    total = expert_logits.sum() * 0.0
+    num_pairs = 0
+    for i in range(num_experts):
+        for j in range(i + 1, num_experts):
+            num_pairs += 1
+            both = available[..., i] & available[..., j]
+            if not both.any():
+                continue
+            kl = (probs[..., i, :] * (log_probs[..., i, :] - log_probs[..., j, :])).sum(-1)
+            kl = kl + (probs[..., j, :] * (log_probs[..., j, :] - log_probs[..., i, :])).sum(-1)
+            total = total + kl[both].mean()
+    return total / num_pairs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Utterance encoders (Stage I)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class MeritsAttentiveStatisticsPooling(nn.Module):
+    """Attentive statistics pooling over non-pad tokens (§4.2): tanh attention, weighted mean ‖ weighted std."""
+
+    def __init__(self, hidden_size, attention_hidden_size):
+        super().__init__()
+        self.attention = nn.Linear(hidden_size, attention_hidden_size)
+        self.score = nn.Linear(attention_hidden_size, 1)
+
+    def forward(self, hidden_states, attention_mask):
+        scores = self.score(torch.tanh(self.attention(hidden_states))).squeeze(-1)  # [N, L]
+        weights = masked_softmax(scores, attention_mask.bool()).unsqueeze(-1)
+        mean = (weights * hidden_states).sum(1)
+        variance = (weights * hidden_states.pow(2)).sum(1) - mean.pow(2)
+        std = variance.clamp(min=1e-5).sqrt()
+        return torch.cat([mean, std], dim=-1)
+
+
+class MeritsTextEncoder(nn.Module):
+    """Text utterance encoder: any `AutoModel` text backbone (RoBERTa-style encoders, Llama/Qwen decoders), pooling,
+    optional projection to `utterance_embed_dim` (MiSTER-E §4.2) and a classifier.
+
+    `forward(input_ids [N, L], attention_mask [N, L]) -> (embeds [N, D_text], logits [N, C])`.
+
+    Pooling: "cls" takes the first token (`<s>` of RoBERTa, §6 #6; for decoder LLMs prefer "mean" or
+    "attentive_stats"), "mean" the masked mean, "attentive_stats" the §4.2 pooling (2 x hidden).
+    """
+
+    def __init__(self, config: MeritsConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = AutoModel.from_config(config.text_config)
+        if getattr(self.backbone, "pooler", None) is not None:
+            self.backbone.pooler = None  # the BERT-style pooler is never used (we pool last_hidden_state ourselves)
+        hidden_size = config.text_config.get_text_config().hidden_size
+        self.layer_norm = nn.LayerNorm(hidden_size) if config.text_layer_norm else None
+        self.pooler = (
+            MeritsAttentiveStatisticsPooling(hidden_size, config.attentive_pooling_hidden_size)
+            if config.text_pooling == "attentive_stats"
+            else None
+        )
+        pooled_size = 2 * hidden_size if config.text_pooling == "attentive_stats" else hidden_size
+        self.projection = nn.Linear(pooled_size, config.utterance_embed_dim) if config.utterance_embed_dim else None
+        self.dropout = nn.Dropout(config.text_head_dropout)
+        self.classifier = nn.Linear(config.text_embed_dim, config.num_labels)
+        self._backbone_takes_use_cache = "use_cache" in inspect.signature(self.backbone.forward).parameters
+
+    def forward(self, input_ids, attention_mask=None):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        kwargs = {"use_cache": False} if self._backbone_takes_use_cache else {}
+        hidden_states = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        if self.layer_norm is not None:
+            hidden_states = self.layer_norm(hidden_states)
+        mask = attention_mask.bool()
+        if self.config.text_pooling == "cls":
+            pooled = hidden_states[:, 0]
+        elif self.config.text_pooling == "mean":
+            weights = mask.unsqueeze(-1).to(hidden_states.dtype)
+            pooled = (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        else:
+            pooled = self.pooler(hidden_states, mask)
+        embeds = torch.relu(self.projection(pooled)) if self.projection is not None else pooled
+        logits = self.classifier(self.dropout(embeds))
+        return embeds, logits
+
+
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+class MeritsSpeechEncoder(nn.Module):
+    """Speech utterance encoder: a frozen speech backbone (wav2vec2 / HuBERT / WavLM `input_values`, or the Whisper
+    encoder `input_features`) with softmax-normalised learned weights over all its hidden states and a masked mean over
+    time; or precomputed `audio_features` [N, F] / [N, K, F] (K layers mixed the same way). Then the light head of §2.3
+    (Linear -> [activation] -> Dropout per hidden size; the last hidden is the utterance embedding) and a classifier.
+
+    `forward(...) -> (embeds [N, D_audio], logits [N, C])`.
+    """
+
+    def __init__(self, config: MeritsConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = None
+        self.layer_weights = None
+        if config.audio_config is not None:
+            backbone = AutoModel.from_config(config.audio_config)
+            if getattr(config.audio_config, "is_encoder_decoder", False):
+                backbone = backbone.get_encoder()  # Whisper: the encoder only
+                num_states = config.audio_config.encoder_layers + 1
+            else:
+                num_states = config.audio_config.num_hidden_layers + 1
+            self.backbone = backbone
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+            self.layer_weights = nn.Parameter(torch.zeros(num_states))
+            input_size = _backbone_hidden_size(config.audio_config)
+        else:
+            input_size = config.audio_feature_dim
+            if config.audio_feature_layers is not None:
+                self.layer_weights = nn.Parameter(torch.zeros(config.audio_feature_layers))
+        layers = []
+        for index, hidden_size in enumerate(config.speech_head_hidden_sizes):
+            if index > 0:
+                layers.append(nn.Dropout(config.speech_head_dropout))
+            layers.append(nn.Linear(input_size, hidden_size))
+            if config.speech_head_activation is not None:
+                layers.append(_ACTIVATIONS[config.speech_head_activation]())
+            input_size = hidden_size
+        self.head = nn.Sequential(*layers)  # Linear -> [act] (-> Dropout -> Linear -> [act])*; output = embedding
+        self.dropout = nn.Dropout(config.speech_head_dropout)
+        self.classifier = nn.Linear(input_size, config.num_labels)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.backbone is not None:
+            self.backbone.eval()  # the speech backbone is frozen: no dropout / no feature-encoder randomness
+        return self
+
+    def mix_layers(self, stacked):
+        """Weighted sum over the layer axis (dim 0 of `stacked` [K, ...]) with softmax-normalised weights."""
+        weights = torch.softmax(self.layer_weights, dim=0).to(stacked.dtype)
+        return torch.einsum("k,k...->...", weights, stacked)
+
+    def pool_backbone(self, input_values=None, input_features=None, audio_attention_mask=None):
+        """Frozen backbone -> layer-weighted, time-averaged vector [N, hidden]."""
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.backbone.parameters())
+        with torch.set_grad_enabled(grad):
+            if input_features is not None:
+                outputs = self.backbone(input_features=input_features, output_hidden_states=True)
+            elif input_values is not None:
+                outputs = self.backbone(
+                    input_values=input_values, attention_mask=audio_attention_mask, output_hidden_states=True
+                )
+            else:
+                raise ValueError("The speech backbone needs `input_values` (waveforms) or `input_features` (Whisper mels).")
+        hidden = self.mix_layers(torch.stack(outputs.hidden_states, dim=0))  # [N, frames, H]
+        frames = hidden.shape[1]
+        if audio_attention_mask is None:
+            return hidden.mean(1)
+        if input_features is not None:  # mel-frame mask -> encoder-frame mask (Whisper downsamples by 2)
+            stride = max(1, audio_attention_mask.shape[-1] // frames)
+            frame_mask = audio_attention_mask[:, ::stride][:, :frames].bool()
+        else:
+            frame_mask = self.backbone._get_feature_vector_attention_mask(frames, audio_attention_mask).bool()
+        weights = frame_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+    def forward(self, input_values=None, input_features=None, audio_attention_mask=None, audio_features=None):
+        if self.backbone is not None:
+            pooled = self.pool_backbone(input_values, input_features, audio_attention_mask)
+        else:
+            if audio_features is None:
+                raise ValueError("This speech encoder reads precomputed `audio_features`, but none were given.")
+            expected = (self.config.audio_feature_dim,)
+            if self.config.audio_feature_layers is not None:
+                expected = (self.config.audio_feature_layers, self.config.audio_feature_dim)
+            if tuple(audio_features.shape[1:]) != expected:
+                raise ValueError(
+                    f"`audio_features` rows must have shape {expected} (audio_feature_layers, audio_feature_dim), got "
+                    f"{tuple(audio_features.shape[1:])}."
+                )
+            pooled = audio_features
+            if self.layer_weights is not None:
+                pooled = self.mix_layers(audio_features.transpose(0, 1))
+        embeds = self.head(pooled)
+        logits = self.classifier(self.dropout(embeds))
+        return embeds, logits
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Context encoders (Stage II / MiSTER-E speech and text experts)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class MeritsContextEncoder(nn.Module):
+    """Context over the turns of a conversation.
+
+    kind="bigru_attention" (MERITS-L Stage II, §3.5): 2-layer Bi-GRU -> the two halves of the output (forward /
+    backward direction) each projected by its own Linear(H, H) -> unscaled dot-product self-attention over turns with a
+    row softmax and a key mask -> concatenated [B, T, 2H] context features -> Linear(2H, C).
+
+    kind="conv_bigru" (MiSTER-E expert, §4.3): ReLU(Conv1d k=1) + ReLU(Conv1d k=3) + ReLU(Conv1d k=5) over the turn
+    axis -> 3-layer Bi-GRU -> + Linear(D_in, 2H)(x) skip -> [B, T, 2H] -> Linear(2H, C).
+
+    GRUs run packed, so padded turns never leak into real ones; inputs are zeroed at padded turns (so the convolutions
+    see padding exactly as their own zero padding). With `causal=True` the GRU is unidirectional with hidden size 2H
+    (same output size), the convolutions look only left and the attention is causal; `step` then runs one turn at a
+    time from a cached state and equals the full causal forward.
+    """
+
+    def __init__(self, config: MeritsConfig, input_size: int, hidden_size: int, kind: str):
+        super().__init__()
+        if kind not in ("bigru_attention", "conv_bigru"):
+            raise ValueError(f"Unknown context encoder kind {kind!r}; valid ones are bigru_attention, conv_bigru.")
+        self.kind = kind
+        self.causal = config.causal
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.output_size = 2 * hidden_size
+        gru_hidden = hidden_size if not self.causal else 2 * hidden_size
+        if kind == "conv_bigru":
+            self.kernel_sizes = list(config.context_conv_kernel_sizes)
+            self.convs = nn.ModuleList(
+                [
+                    nn.Conv1d(input_size, config.context_conv_channels, k, padding=0 if self.causal else k // 2)
+                    for k in self.kernel_sizes
+                ]
+            )
+            gru_input = config.context_conv_channels
+            self.skip = nn.Linear(input_size, self.output_size)
+        else:
+            gru_input = input_size
+            self.direction_projections = nn.ModuleList([nn.Linear(hidden_size, hidden_size) for _ in range(2)])
+        self.gru = nn.GRU(
+            gru_input,
+            gru_hidden,
+            num_layers=config.context_num_layers,
+            batch_first=True,
+            bidirectional=not self.causal,
+        )
+        self.dropout = nn.Dropout(config.context_dropout)
+        self.classifier = nn.Linear(self.output_size, config.num_labels)
+
+    # ---- full conversation ------------------------------------------------------------------------------------
+    def _convolve(self, x):
+        """[B, T, D] -> sum of ReLU(conv_k) over the turn axis -> [B, T, channels]."""
+        u = x.transpose(1, 2)
+        out = 0
+        for kernel_size, conv in zip(self.kernel_sizes, self.convs):
+            inp = F.pad(u, (kernel_size - 1, 0)) if self.causal else u
+            out = out + torch.relu(conv(inp))
+        return out.transpose(1, 2)
+
+    def _attend(self, gru_out, key_mask):
+        """MERITS-L self-attention per direction half. `key_mask` [B, T] bool = turns that may be attended."""
+        length = gru_out.shape[1]
+        allowed = key_mask[:, None, :].expand(-1, length, -1)
+        if self.causal:
+            allowed = allowed & causal_mask(length, gru_out.device)
+        halves = gru_out.split(self.hidden_size, dim=-1)
+        outputs = []
+        for half, projection in zip(halves, self.direction_projections):
+            p = projection(half)
+            scores = p @ p.transpose(1, 2)  # plain, unscaled dot product (§3.5)
+            outputs.append(masked_softmax(scores, allowed) @ p)
+        return torch.cat(outputs, dim=-1)
+
+    def forward(self, x, turn_mask, key_mask=None):
+        """x [B, T, D], turn_mask [B, T] (real turns), key_mask [B, T] (turns that have this modality) ->
+        (features [B, T, 2H], logits [B, T, C]); both zero at padded turns."""
+        turn_mask = turn_mask.bool()
+        key_mask = turn_mask if key_mask is None else key_mask.bool() & turn_mask
+        x = x * turn_mask.unsqueeze(-1).to(x.dtype)
+        gru_in = self._convolve(x) if self.kind == "conv_bigru" else x
+        lengths = turn_mask.sum(1).clamp(min=1).cpu()
+        packed = pack_padded_sequence(gru_in, lengths, batch_first=True, enforce_sorted=False)
+        gru_out, _ = self.gru(packed)
+        gru_out, _ = pad_packed_sequence(gru_out, batch_first=True, total_length=x.shape[1])
+        if self.kind == "conv_bigru":
+            features = gru_out + self.skip(x)
+        else:
+            features = self._attend(gru_out, key_mask)
+        features = features * turn_mask.unsqueeze(-1).to(features.dtype)
+        logits = self.classifier(self.dropout(features))
+        return features, logits
+
+    # ---- streaming (causal only) ------------------------------------------------------------------------------
+    def init_state(self, batch_size, device, dtype):
+        state = {"gru": None}
+        if self.kind == "conv_bigru":
+            state["window"] = torch.zeros(batch_size, max(self.kernel_sizes) - 1, self.input_size, device=device, dtype=dtype)
+        else:
+            state["keys"] = [torch.zeros(batch_size, 0, self.hidden_size, device=device, dtype=dtype) for _ in range(2)]
+            state["key_mask"] = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+        return state
+
+    def step(self, x, key_mask, state):
+        """One turn: x [B, D], key_mask [B] -> (features [B, 2H], logits [B, C], new_state). Causal only."""
+        if not self.causal:
+            raise ValueError("Streaming needs a causal context encoder (config.causal=True).")
+        new_state = {}
+        if self.kind == "conv_bigru":
+            window = torch.cat([state["window"], x.unsqueeze(1)], dim=1)  # [B, kmax, D]
+            conv_out = 0
+            for kernel_size, conv in zip(self.kernel_sizes, self.convs):
+                conv_out = conv_out + torch.relu(conv(window[:, -kernel_size:].transpose(1, 2)))
+            gru_in = conv_out.transpose(1, 2)  # [B, 1, channels]
+            new_state["window"] = window[:, 1:]
+        else:
+            gru_in = x.unsqueeze(1)
+        gru_out, hidden = self.gru(gru_in, state["gru"])
+        new_state["gru"] = hidden
+        if self.kind == "conv_bigru":
+            features = gru_out[:, 0] + self.skip(x)
+        else:
+            mask = torch.cat([state["key_mask"], key_mask.bool().unsqueeze(1)], dim=1)  # [B, t]
+            new_state["key_mask"] = mask
+            new_state["keys"] = []
+            outputs = []
+            for half, projection, cached in zip(
+                gru_out[:, 0].split(self.hidden_size, dim=-1), self.direction_projections, state["keys"]
+            ):
+                p = projection(half)  # [B, H]
+                keys = torch.cat([cached, p.unsqueeze(1)], dim=1)  # [B, t, H]
+                new_state["keys"].append(keys)
+                scores = (keys @ p.unsqueeze(-1)).squeeze(-1)  # [B, t]
+                outputs.append((masked_softmax(scores, mask).unsqueeze(1) @ keys).squeeze(1))
+            features = torch.cat(outputs, dim=-1)
+        logits = self.classifier(self.dropout(features))
+        return features, logits, new_state
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Co-attention fusion (MERITS-L Stage III / MiSTER-E cross-modal expert)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class MeritsAttention(nn.Module):
+    """Multi-head attention with q/k/v projections d -> `attention_size` (120), `num_heads` heads (3 x 40), attention
+    dropout, and an output projection `attention_size` -> d (the "Linear(t_x)" of §3.6)."""
+
+    def __init__(self, config: MeritsConfig):
+        super().__init__()
+        d, width = config.fusion_hidden_size, config.fusion_attention_size
+        self.num_heads = config.fusion_num_heads
+        self.head_dim = width // self.num_heads
+        self.query = nn.Linear(d, width)
+        self.key = nn.Linear(d, width)
+        self.value = nn.Linear(d, width)
+        self.output = nn.Linear(width, d)
+        self.dropout = nn.Dropout(config.fusion_attention_dropout)
+
+    def _heads(self, x):  # [B, T, width] -> [B, heads, T, head_dim]
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def project_key_value(self, x):
+        return self._heads(self.key(x)), self._heads(self.value(x))
+
+    def attend(self, query_input, keys, values, allowed):
+        """query_input [B, Tq, d], keys/values [B, heads, Tk, head_dim], allowed [B, Tq, Tk] bool -> [B, Tq, d]."""
+        q = self._heads(self.query(query_input))
+        scores = q @ keys.transpose(-1, -2) / math.sqrt(self.head_dim)
+        probs = self.dropout(masked_softmax(scores, allowed.unsqueeze(1)))
+        context = (probs @ values).transpose(1, 2).reshape(query_input.shape[0], query_input.shape[1], -1)
+        return self.output(context)
+
+    def forward(self, query_input, key_value_input, allowed):
+        keys, values = self.project_key_value(key_value_input)
+        return self.attend(query_input, keys, values, allowed)
+
+
+class MeritsCoAttentionBlock(nn.Module):
+    """One block: symmetric cross-attention (text queries speech, speech queries text), residual + LayerNorm, then
+    self-attention per stream, residual + LayerNorm (§3.6, §4.3)."""
+
+    def __init__(self, config: MeritsConfig):
+        super().__init__()
+        d, eps = config.fusion_hidden_size, config.fusion_layer_norm_eps
+        self.text_cross_attention = MeritsAttention(config)
+        self.audio_cross_attention = MeritsAttention(config)
+        self.text_self_attention = MeritsAttention(config)
+        self.audio_self_attention = MeritsAttention(config)
+        self.text_cross_norm = nn.LayerNorm(d, eps=eps)
+        self.audio_cross_norm = nn.LayerNorm(d, eps=eps)
+        self.text_self_norm = nn.LayerNorm(d, eps=eps)
+        self.audio_self_norm = nn.LayerNorm(d, eps=eps)
+        self.dropout = nn.Dropout(config.fusion_dropout)
+
+    def forward(self, text, audio, text_allowed, audio_allowed):
+        """`text_allowed` [B, Tq, Tk]: which text turns a query may attend (padding, missing text, causality)."""
+        text_x = self.text_cross_attention(text, audio, audio_allowed)
+        audio_x = self.audio_cross_attention(audio, text, text_allowed)
+        text = self.text_cross_norm(text + self.dropout(text_x))
+        audio = self.audio_cross_norm(audio + self.dropout(audio_x))
+        text_s = self.text_self_attention(text, text, text_allowed)
+        audio_s = self.audio_self_attention(audio, audio, audio_allowed)
+        text = self.text_self_norm(text + self.dropout(text_s))
+        audio = self.audio_self_norm(audio + self.dropout(audio_s))
+        return text, audio
+
+    def step(self, text, audio, text_allowed, audio_allowed, cache):
+        """One new turn per stream: text/audio [B, 1, d]; *_allowed [B, 1, t] over all turns so far (incl. this one);
+        `cache` holds the keys/values of the earlier turns. Returns (text, audio, new_cache)."""
+        new_cache = {}
+        for name, module, x in (
+            ("text_cross", self.audio_cross_attention, text),  # text turns are keys of the speech queries
+            ("audio_cross", self.text_cross_attention, audio),
+        ):
+            k, v = module.project_key_value(x)
+            new_cache[name] = (torch.cat([cache[name][0], k], dim=2), torch.cat([cache[name][1], v], dim=2))
+        text_x = self.text_cross_attention.attend(text, *new_cache["audio_cross"], audio_allowed)
+        audio_x = self.audio_cross_attention.attend(audio, *new_cache["text_cross"], text_allowed)
+        text = self.text_cross_norm(text + self.dropout(text_x))
+        audio = self.audio_cross_norm(audio + self.dropout(audio_x))
+        for name, module, x in (("text_self", self.text_self_attention, text), ("audio_self", self.audio_self_attention, audio)):
+            k, v = module.project_key_value(x)
+            new_cache[name] = (torch.cat([cache[name][0], k], dim=2), torch.cat([cache[name][1], v], dim=2))
+        text_s = self.text_self_attention.attend(text, *new_cache["text_self"], text_allowed)
+        audio_s = self.audio_self_attention.attend(audio, *new_cache["audio_self"], audio_allowed)
+        text = self.text_self_norm(text + self.dropout(text_s))
+        audio = self.audio_self_norm(audio + self.dropout(audio_s))
+        return text, audio, new_cache
+
+
+class MeritsCoAttentionFusion(nn.Module):
+    """Co-attention fusion: Linear(D_t, d) / Linear(D_a, d) -> N co-attention blocks -> [+ Linear input skips
+    (MiSTER-E)] -> LayerNorm(2d) -> Linear(2d, d') -> ReLU -> Linear(d', C).
+
+    Key padding masks combine the real turns with the per-turn modality masks, so padding and a turn without audio
+    (text) are never attended as audio (text). Inputs are zeroed at turns where their modality is absent.
+    Returns (logits [B, T, C], text_repr [B, T, d], audio_repr [B, T, d]); the two representations are the pairs of
+    the contrastive loss.
+    """
+
+    def __init__(self, config: MeritsConfig, text_input_size: int, audio_input_size: int):
+        super().__init__()
+        d = config.fusion_hidden_size
+        self.causal = config.causal
+        self.text_projection = nn.Linear(text_input_size, d)
+        self.audio_projection = nn.Linear(audio_input_size, d)
+        self.blocks = nn.ModuleList([MeritsCoAttentionBlock(config) for _ in range(config.fusion_num_blocks)])
+        if config.fusion_input_skip:
+            self.text_skip = nn.Linear(text_input_size, d)
+            self.audio_skip = nn.Linear(audio_input_size, d)
+        else:
+            self.text_skip = self.audio_skip = None
+        self.layer_norm = nn.LayerNorm(2 * d, eps=config.fusion_layer_norm_eps)
+        self.dense = nn.Linear(2 * d, config.fusion_head_hidden_size)
+        self.classifier = nn.Linear(config.fusion_head_hidden_size, config.num_labels)
+
+    def _head(self, text_in, audio_in, text, audio):
+        if self.text_skip is not None:
+            text = text + self.text_skip(text_in)
+            audio = audio + self.audio_skip(audio_in)
+        logits = self.classifier(torch.relu(self.dense(self.layer_norm(torch.cat([text, audio], dim=-1)))))
+        return logits, text, audio
+
+    def forward(self, text_inputs, audio_inputs, turn_mask, text_mask, audio_mask):
+        turn_mask = turn_mask.bool()
+        text_mask, audio_mask = text_mask.bool() & turn_mask, audio_mask.bool() & turn_mask
+        text_inputs = text_inputs * text_mask.unsqueeze(-1).to(text_inputs.dtype)
+        audio_inputs = audio_inputs * audio_mask.unsqueeze(-1).to(audio_inputs.dtype)
+        length = turn_mask.shape[1]
+        text_allowed = text_mask[:, None, :].expand(-1, length, -1)
+        audio_allowed = audio_mask[:, None, :].expand(-1, length, -1)
+        if self.causal:
+            past = causal_mask(length, turn_mask.device)
+            text_allowed, audio_allowed = text_allowed & past, audio_allowed & past
+        text, audio = self.text_projection(text_inputs), self.audio_projection(audio_inputs)
+        for block in self.blocks:
+            text, audio = block(text, audio, text_allowed, audio_allowed)
+        logits, text, audio = self._head(text_inputs, audio_inputs, text, audio)
+        keep = turn_mask.unsqueeze(-1)
+        return logits * keep, text * keep, audio * keep
+
+    def init_state(self, batch_size, device, dtype):
+        empty = lambda: torch.zeros(batch_size, self.blocks[0].text_self_attention.num_heads, 0,  # noqa: E731
+                                    self.blocks[0].text_self_attention.head_dim, device=device, dtype=dtype)
+        blocks = [{name: (empty(), empty()) for name in ("text_cross", "audio_cross", "text_self", "audio_self")}
+                  for _ in self.blocks]
+        mask = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+        return {"blocks": blocks, "text_mask": mask, "audio_mask": mask}
+
+    def step(self, text_input, audio_input, text_present, audio_present, state):
+        """One turn: text_input [B, D_t], audio_input [B, D_a], *_present [B] bool -> (logits [B, C], new_state)."""
+        if not self.causal:
+            raise ValueError("Streaming needs causal fusion (config.causal=True).")
+        text_input = (text_input * text_present.unsqueeze(-1).to(text_input.dtype)).unsqueeze(1)
+        audio_input = (audio_input * audio_present.unsqueeze(-1).to(audio_input.dtype)).unsqueeze(1)
+        text_mask = torch.cat([state["text_mask"], text_present.bool().unsqueeze(1)], dim=1)
+        audio_mask = torch.cat([state["audio_mask"], audio_present.bool().unsqueeze(1)], dim=1)
+        text_allowed, audio_allowed = text_mask.unsqueeze(1), audio_mask.unsqueeze(1)  # [B, 1, t]
+        text, audio = self.text_projection(text_input), self.audio_projection(audio_input)
+        new_blocks = []
+        for block, cache in zip(self.blocks, state["blocks"]):
+            text, audio, cache = block.step(text, audio, text_allowed, audio_allowed, cache)
+            new_blocks.append(cache)
+        logits, text, audio = self._head(text_input, audio_input, text, audio)
+        return logits[:, 0], {"blocks": new_blocks, "text_mask": text_mask, "audio_mask": audio_mask}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gate (MiSTER-E)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class MeritsGate(nn.Module):
+    """Per-turn weights over the experts (§4.3).
+
+    mode "learned": g = Linear(hidden, E)(ReLU(Linear(E*C, hidden)(concat expert logits))), w = softmax(g / τ) over the
+    experts available at that turn (an expert whose modality is absent gets weight exactly 0). "mean": equal weights
+    over the available experts. "vote": majority vote of the available experts' argmax (ties go to cross-modal, then
+    text, then speech); the weights are spread equally over the experts that voted for the winning class, so the
+    mixture's argmax is the voted class.
+    """
+
+    def __init__(self, config: MeritsConfig, num_experts: int):
+        super().__init__()
+        self.mode = config.gate_mode
+        self.temperature = config.gate_temperature
+        self.num_experts = num_experts
+        self.dense = nn.Linear(num_experts * config.num_labels, config.gate_hidden_size)
+        self.output = nn.Linear(config.gate_hidden_size, num_experts)
+
+    def forward(self, expert_logits, available, tie_order=None):
+        """expert_logits [..., E, C], available [..., E] bool -> weights [..., E]."""
+        available = available.bool()
+        if self.mode == "learned":
+            g = self.output(torch.relu(self.dense(expert_logits.flatten(-2))))
+            return masked_softmax(g / self.temperature, available)
+        if self.mode == "mean":
+            weights = available.to(expert_logits.dtype)
+            return weights / weights.sum(-1, keepdim=True).clamp(min=1.0)
+        # majority vote
+        num_labels = expert_logits.shape[-1]
+        votes = F.one_hot(expert_logits.argmax(-1), num_labels) * available.unsqueeze(-1)  # [..., E, C]
+        counts = votes.sum(-2)  # [..., C]
+        best = counts.max(-1, keepdim=True).values
+        tied = (counts == best) & (best > 0)  # classes with the most votes
+        # tie-break: the class of the highest-priority available expert among the tied classes
+        priority = torch.tensor(tie_order if tie_order is not None else list(range(self.num_experts)),
+                                device=expert_logits.device, dtype=torch.long)
+        expert_class = expert_logits.argmax(-1)  # [..., E]
+        candidate = available & tied.gather(-1, expert_class)  # experts voting for a tied class
+        score = torch.where(candidate, priority.expand_as(expert_class), torch.full_like(expert_class, -1))
+        chosen_expert = score.argmax(-1, keepdim=True)
+        winner = expert_class.gather(-1, chosen_expert)  # [..., 1]
+        voters = available & (expert_class == winner)
+        weights = voters.to(expert_logits.dtype)
+        return weights / weights.sum(-1, keepdim=True).clamp(min=1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pre-trained model base
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class MeritsPreTrainedModel(PreTrainedModel):
+    config_class = MeritsConfig
+    base_model_prefix = "merits"
+    main_input_name = "turn_mask"
+    supports_gradient_checkpointing = True  # applies to the transformers backbones
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Linear/Conv: normal(0, initializer_range), zero bias; LayerNorm: ones/zeros (base class); GRU: Xavier weights
+        and zero biases; learned layer weights: zeros (= uniform softmax). Backbones use their own init."""
+        super()._init_weights(module)
+        if isinstance(module, nn.GRU):
+            for name, param in module.named_parameters():
+                if "weight" in name:
+                    init.xavier_uniform_(param)
+                else:
+                    init.zeros_(param)
+        elif isinstance(module, MeritsSpeechEncoder) and module.layer_weights is not None:
+            init.zeros_(module.layer_weights)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The task model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class MeritsForConversationClassification(MeritsPreTrainedModel):
+    """MERITS-L (`architecture="merits-l"`) or MiSTER-E (`"mister-e"`) emotion recognition in conversations.
+
+    Inputs (docs/design.md §2): flattened utterance tensors over the N real turns (`input_ids`/`attention_mask`,
+    `input_values`/`audio_attention_mask` or `input_features`, `audio_features`) or precomputed utterance embeddings
+    `text_embeds`/`audio_embeds` [B, T, D]; `turn_mask`, `text_mask`, `audio_mask` [B, T]; `labels` [B, T] (-100 =
+    ignore). `forward(..., stage=...)` computes only what the stage needs.
+    """
+
+    def __init__(self, config: MeritsConfig):
+        super().__init__(config)
+        self.text_encoder = MeritsTextEncoder(config) if config.text_config is not None else None
+        has_speech_encoder = config.audio_config is not None or config.audio_feature_dim is not None
+        self.speech_encoder = MeritsSpeechEncoder(config) if has_speech_encoder else None
+        self.text_context = self.audio_context = self.fusion = self.gate = None
+
+        if config.architecture == "merits-l":
+            if config.has_text:
+                self.text_context = MeritsContextEncoder(
+                    config, config.text_embed_dim, config.context_text_hidden_size, "bigru_attention"
+                )
+            if config.has_audio:
+                self.audio_context = MeritsContextEncoder(
+                    config, config.audio_embed_dim, config.context_audio_hidden_size, "bigru_attention"
+                )
+            if config.has_text and config.has_audio:
+                self.fusion = MeritsCoAttentionFusion(
+                    config, self.text_context.output_size, self.audio_context.output_size
+                )
+        else:
+            if "speech" in config.experts:
+                self.audio_context = MeritsContextEncoder(
+                    config, config.audio_embed_dim, config.context_audio_hidden_size, "conv_bigru"
+                )
+            if "text" in config.experts:
+                self.text_context = MeritsContextEncoder(
+                    config, config.text_embed_dim, config.context_text_hidden_size, "conv_bigru"
+                )
+            if "cross_modal" in config.experts:
+                self.fusion = MeritsCoAttentionFusion(config, config.text_embed_dim, config.audio_embed_dim)
+            self.gate = MeritsGate(config, len(config.experts))
+
+        self.post_init()
+        if self.speech_encoder is not None and self.speech_encoder.backbone is not None:
+            self.speech_encoder.backbone.requires_grad_(False)
+
+    # ---- loading real backbones -------------------------------------------------------------------------------
+    @classmethod
+    def from_backbones(cls, text_model_name_or_path=None, audio_model_name_or_path=None, backbone_kwargs=None,
+                       **config_kwargs):
+        """Build a model around pretrained backbones loaded with `AutoModel.from_pretrained` (e.g. roberta-large,
+        Qwen/Qwen2.5-7B, microsoft/wavlm-base-plus, openai/whisper-large-v3: its encoder only). The config is built
+        from the backbones' configs plus `config_kwargs`; every other part is freshly initialised."""
+        if text_model_name_or_path is None and audio_model_name_or_path is None:
+            raise ValueError("from_backbones needs `text_model_name_or_path` and/or `audio_model_name_or_path`.")
+        backbone_kwargs = dict(backbone_kwargs or {})
+        text_model = audio_model = None
+        if text_model_name_or_path is not None:
+            text_model = AutoModel.from_pretrained(text_model_name_or_path, **backbone_kwargs)
+            config_kwargs["text_config"] = text_model.config
+        if audio_model_name_or_path is not None:
+            audio_model = AutoModel.from_pretrained(audio_model_name_or_path, **backbone_kwargs)
+            config_kwargs["audio_config"] = audio_model.config
+            if getattr(audio_model.config, "is_encoder_decoder", False):
+                audio_model = audio_model.get_encoder()
+        model = cls(MeritsConfig(**config_kwargs))
+        if text_model is not None:
+            state_dict = {k: v for k, v in text_model.state_dict().items() if not k.startswith("pooler.")}
+            model.text_encoder.backbone.load_state_dict(state_dict, strict=True)
+        if audio_model is not None:
+            model.speech_encoder.backbone.load_state_dict(audio_model.state_dict(), strict=True)
+            model.speech_encoder.backbone.requires_grad_(False)
+        return model
+
+    # ---- stages -----------------------------------------------------------------------------------------------
+    def _stage_modules(self, stage):
+        if stage == "utterance":
+            modules = [self.text_encoder]
+            if self.speech_encoder is not None:
+                modules += [self.speech_encoder.head, self.speech_encoder.classifier]
+                if self.speech_encoder.layer_weights is not None:
+                    modules.append(self.speech_encoder.layer_weights)
+        elif stage == "context":
+            modules = [self.text_context, self.audio_context]
+        elif stage == "fusion":
+            modules = [self.fusion]
+        elif stage == "context+fusion":
+            modules = [self.text_context, self.audio_context, self.fusion]
+        else:  # moe
+            modules = [self.text_context, self.audio_context, self.fusion, self.gate]
+        return [m for m in modules if m is not None]
+
+    def freeze_for_stage(self, stage):
+        """Make exactly the parameters of `stage` trainable (docs/design.md §3 table) and set `config.stage`.
+        The speech backbone always stays frozen. Returns the names of the trainable parameters."""
+        stage = self.config.check_stage(stage)
+        self.requires_grad_(False)
+        for module in self._stage_modules(stage):
+            module.requires_grad_(True)
+        if self.speech_encoder is not None and self.speech_encoder.backbone is not None:
+            self.speech_encoder.backbone.requires_grad_(False)
+        self.config.stage = stage
+        return [name for name, p in self.named_parameters() if p.requires_grad]
+
+    # ---- utterance level ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _run(module, *args, **kwargs):
+        """Run a module, with autograd only when some of its parameters are trainable."""
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+        with torch.set_grad_enabled(grad):
+            return module(*args, **kwargs)
+
+    def _encode_text(self, input_ids, attention_mask):
+        if input_ids is None:
+            return None, None
+        if self.text_encoder is None:
+            raise ValueError("Got `input_ids` but this model has no text encoder (config.text_config is None).")
+        return self._run(self.text_encoder, input_ids, attention_mask)
+
+    def _encode_audio(self, input_values, input_features, audio_attention_mask, audio_features):
+        if input_values is None and input_features is None and audio_features is None:
+            return None, None
+        if self.speech_encoder is None:
+            raise ValueError(
+                "Got raw speech inputs but this model has no speech encoder (config.audio_config and "
+                "config.audio_feature_dim are None)."
+            )
+        return self._run(
+            self.speech_encoder,
+            input_values=input_values,
+            input_features=input_features,
+            audio_attention_mask=audio_attention_mask,
+            audio_features=audio_features,
+        )
+
+    def _flatten_audio_features(self, audio_features, turn_mask):
+        """`audio_features` may come as [B, T, ...] (design §2) or flattened [N, ...]; return [N, ...]."""
+        if audio_features is None:
+            return None
+        per_row = 1 if self.config.audio_feature_layers is None else 2
+        if audio_features.dim() == per_row + 2:
+            if tuple(audio_features.shape[:2]) != tuple(turn_mask.shape):
+                raise ValueError(
+                    f"`audio_features` of shape {tuple(audio_features.shape)} does not match `turn_mask` "
+                    f"{tuple(turn_mask.shape)} in its first two dims."
+                )
+            return audio_features[turn_mask]
+        if audio_features.dim() != per_row + 1:
+            raise ValueError(
+                f"`audio_features` must be [B, T, {'K, ' if per_row == 2 else ''}F] or [N, {'K, ' if per_row == 2 else ''}F], "
+                f"got shape {tuple(audio_features.shape)}."
+            )
+        return audio_features
+
+    def get_utterance_embeddings(self, input_ids=None, attention_mask=None, input_values=None, input_features=None,
+                                 audio_attention_mask=None, audio_features=None, turn_mask=None, text_mask=None,
+                                 audio_mask=None, **unused):
+        """Stage I utterance embeddings of every real turn, for the embedding cache: dict(text=[N, D_text] or None,
+        audio=[N, D_audio] or None). Rows of turns that lack the modality (per `text_mask`/`audio_mask`) are zero."""
+        if turn_mask is not None:
+            turn_mask = check_turn_mask(turn_mask)
+            audio_features = self._flatten_audio_features(audio_features, turn_mask)
+        text, _ = self._encode_text(input_ids, attention_mask)
+        audio, _ = self._encode_audio(input_values, input_features, audio_attention_mask, audio_features)
+        if turn_mask is not None:
+            for name, value, mask in (("text", text, text_mask), ("audio", audio, audio_mask)):
+                if value is None:
+                    continue
+                if value.shape[0] != int(turn_mask.sum()):
+                    raise ValueError(f"Got {value.shape[0]} {name} utterances for {int(turn_mask.sum())} real turns.")
+                if mask is not None:
+                    keep = mask.bool()[turn_mask].unsqueeze(-1).to(value.dtype)
+                    if name == "text":
+                        text = text * keep
+                    else:
+                        audio = audio * keep
+        return {"text": text, "audio": audio}
+
+    # ---- helpers for forward ------------------------------------------------------------------------------------
+    def _classification_loss(self, logits, labels, mask, stage):
+        if self.config.classification_loss == "ce":
+            gamma = 0.0
+        else:
+            gamma = self.config.utterance_focal_gamma if stage == "utterance" else self.config.focal_gamma
+        return focal_loss(logits, labels, gamma=gamma, mask=mask)
+
+    @staticmethod
+    def _combine(text_logits, audio_logits, text_mask, audio_mask):
+        """Per turn: the mean of both modalities' logits where both are present, else the present one."""
+        if text_logits is None:
+            return audio_logits
+        if audio_logits is None:
+            return text_logits
+        t, a = text_mask.unsqueeze(-1).to(text_logits.dtype), audio_mask.unsqueeze(-1).to(audio_logits.dtype)
+        return (t * text_logits + a * audio_logits) / (t + a).clamp(min=1.0)
+
+    def _prepare_masks(self, turn_mask, text_mask, audio_mask, text_embeds, audio_embeds):
+        if turn_mask is None:
+            reference = text_embeds if text_embeds is not None else audio_embeds
+            if reference is None:
+                raise ValueError("`turn_mask` [B, T] is required with flattened utterance inputs.")
+            turn_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
+        turn_mask = check_turn_mask(turn_mask)
+        text_mask = _default_modality_mask(text_mask, turn_mask, "text_mask") if self.config.has_text else None
+        audio_mask = _default_modality_mask(audio_mask, turn_mask, "audio_mask") if self.config.has_audio else None
+        if text_mask is None:
+            text_mask = torch.zeros_like(turn_mask)
+        if audio_mask is None:
+            audio_mask = torch.zeros_like(turn_mask)
+        empty = turn_mask & ~text_mask & ~audio_mask
+        if empty.any():
+            b, t = empty.nonzero()[0].tolist()
+            raise ValueError(
+                f"Conversation {b}, turn {t} is a real turn with neither text nor audio that this model uses "
+                f"(configured modalities: {'text ' if self.config.has_text else ''}{'audio' if self.config.has_audio else ''})."
+            )
+        return turn_mask, text_mask, audio_mask
+
+    def _check_embeds(self, embeds, expected_dim, turn_mask, name):
+        if embeds.dim() != 3 or tuple(embeds.shape[:2]) != tuple(turn_mask.shape):
+            raise ValueError(f"`{name}` must be [B, T, D] matching turn_mask {tuple(turn_mask.shape)}, got {tuple(embeds.shape)}.")
+        if embeds.shape[-1] != expected_dim:
+            raise ValueError(
+                f"`{name}` has size {embeds.shape[-1]} but the config expects {expected_dim} "
+                f"({'text' if name.startswith('text') else 'audio'}_embed_dim)."
+            )
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        input_values=None,
+        input_features=None,
+        audio_attention_mask=None,
+        audio_features=None,
+        text_embeds=None,
+        audio_embeds=None,
+        turn_mask=None,
+        text_mask=None,
+        audio_mask=None,
+        labels=None,
+        stage=None,
+        return_dict=True,
+        **unused,
+    ):
+        config = self.config
+        stage = config.check_stage(stage if stage is not None else config.stage)
+        turn_mask, text_mask, audio_mask = self._prepare_masks(turn_mask, text_mask, audio_mask, text_embeds, audio_embeds)
+        if labels is not None and tuple(labels.shape) != tuple(turn_mask.shape):
+            raise ValueError(f"`labels` must be [B, T] = {tuple(turn_mask.shape)}, got {tuple(labels.shape)}.")
+        out = {}
+        terms = {}
+
+        # ---- Stage I: utterance encoders (or precomputed embeddings) ----------------------------------------------
+        utt_text_logits = utt_audio_logits = None
+        if input_ids is not None and config.has_text:
+            flat_embeds, flat_logits = self._encode_text(input_ids, attention_mask)
+            text_embeds = scatter_turns(flat_embeds, turn_mask)
+            utt_text_logits = scatter_turns(flat_logits, turn_mask)
+        flat_audio_features = self._flatten_audio_features(audio_features, turn_mask)
+        if (input_values is not None or input_features is not None or flat_audio_features is not None) and config.has_audio:
+            flat_embeds, flat_logits = self._encode_audio(
+                input_values, input_features, audio_attention_mask, flat_audio_features
+            )
+            audio_embeds = scatter_turns(flat_embeds, turn_mask)
+            utt_audio_logits = scatter_turns(flat_logits, turn_mask)
+        if text_embeds is not None:
+            self._check_embeds(text_embeds, config.text_embed_dim or -1, turn_mask, "text_embeds")
+            text_embeds = text_embeds * text_mask.unsqueeze(-1).to(text_embeds.dtype)
+        if audio_embeds is not None:
+            self._check_embeds(audio_embeds, config.audio_embed_dim or -1, turn_mask, "audio_embeds")
+            audio_embeds = audio_embeds * audio_mask.unsqueeze(-1).to(audio_embeds.dtype)
+        out.update(text_embeds=text_embeds, audio_embeds=audio_embeds,
+                   utterance_text_logits=utt_text_logits, utterance_audio_logits=utt_audio_logits)
+
+        if stage == "utterance":
+            if utt_text_logits is None and utt_audio_logits is None:
+                raise ValueError("Stage 'utterance' needs raw inputs (input_ids and/or audio), not precomputed embeddings.")
+            logits = self._combine(utt_text_logits, utt_audio_logits, text_mask, audio_mask)
+            if labels is not None:
+                if utt_text_logits is not None:
+                    terms["utterance_text"] = self._classification_loss(utt_text_logits, labels, text_mask, stage)
+                if utt_audio_logits is not None:
+                    terms["utterance_audio"] = self._classification_loss(utt_audio_logits, labels, audio_mask, stage)
+            return self._finish(out, logits, labels, terms, sum(terms.values()) if terms else None, return_dict)
+
+        if config.has_text and text_embeds is None:
+            raise ValueError("This model uses text: pass `input_ids`/`attention_mask` or `text_embeds`.")
+        if config.has_audio and audio_embeds is None:
+            raise ValueError("This model uses speech: pass `input_values`, `input_features`, `audio_features` or `audio_embeds`.")
+
+        if config.architecture == "merits-l":
+            logits, loss = self._forward_merits_l(stage, text_embeds, audio_embeds, turn_mask, text_mask, audio_mask,
+                                                  labels, out, terms)
+        else:
+            logits, loss = self._forward_mister_e(text_embeds, audio_embeds, turn_mask, text_mask, audio_mask, labels,
+                                                  out, terms)
+        return self._finish(out, logits, labels, terms, loss, return_dict)
+
+    def _forward_merits_l(self, stage, text_embeds, audio_embeds, turn_mask, text_mask, audio_mask, labels, out, terms):
+        ctx_text = ctx_audio = None
+        text_features = audio_features = None
+        if self.text_context is not None:
+            text_features, ctx_text = self._run(self.text_context, text_embeds, turn_mask, text_mask)
+        if self.audio_context is not None:
+            audio_features, ctx_audio = self._run(self.audio_context, audio_embeds, turn_mask, audio_mask)
+        out.update(context_text_logits=ctx_text, context_audio_logits=ctx_audio)
+        context_logits = self._combine(ctx_text, ctx_audio, text_mask, audio_mask)
+        if stage == "context":
+            if labels is not None:
+                if ctx_text is not None:
+                    terms["context_text"] = self._classification_loss(ctx_text, labels, text_mask, stage)
+                if ctx_audio is not None:
+                    terms["context_audio"] = self._classification_loss(ctx_audio, labels, audio_mask, stage)
+            return context_logits, (sum(terms.values()) if terms else None)
+
+        fusion_logits, _, _ = self._run(self.fusion, text_features, audio_features, turn_mask, text_mask, audio_mask)
+        out["fusion_logits"] = fusion_logits
+        both = text_mask & audio_mask
+        # a turn lacking one modality falls back to the other modality's context logits
+        logits = torch.where(both.unsqueeze(-1), fusion_logits, context_logits)
+        if labels is not None:
+            terms["fusion"] = self._classification_loss(fusion_logits, labels, both, stage)
+            if stage == "context+fusion":
+                terms["context_text"] = self._classification_loss(ctx_text, labels, text_mask, stage)
+                terms["context_audio"] = self._classification_loss(ctx_audio, labels, audio_mask, stage)
+        return logits, (sum(terms.values()) if terms else None)
+
+    def _expert_outputs(self, text_embeds, audio_embeds, turn_mask, text_mask, audio_mask):
+        """Logits and availability of the enabled experts, in the canonical (speech, text, cross_modal) order."""
+        experts = {}
+        if self.audio_context is not None:
+            experts["speech"] = (self._run(self.audio_context, audio_embeds, turn_mask, audio_mask)[1], audio_mask)
+        if self.text_context is not None:
+            experts["text"] = (self._run(self.text_context, text_embeds, turn_mask, text_mask)[1], text_mask)
+        reprs = None
+        if self.fusion is not None:
+            fusion_logits, text_repr, audio_repr = self._run(
+                self.fusion, text_embeds, audio_embeds, turn_mask, text_mask, audio_mask
+            )
+            experts["cross_modal"] = (fusion_logits, text_mask & audio_mask)
+            reprs = (text_repr, audio_repr)
+        return experts, reprs
+
+    def _mix(self, experts, turn_mask):
+        names = [name for name in EXPERTS if name in experts]
+        stacked = torch.stack([experts[name][0] for name in names], dim=-2)  # [B, T, E, C]
+        available = torch.stack([experts[name][1] for name in names], dim=-1) & turn_mask.unsqueeze(-1)
+        tie_order = [{"speech": 0, "text": 1, "cross_modal": 2}[name] for name in names]
+        weights = self._run(self.gate, stacked, available, tie_order) if self.gate is not None else None
+        mixture = (weights.unsqueeze(-1) * stacked).sum(-2)
+        full_weights = stacked.new_zeros(*weights.shape[:-1], len(EXPERTS))
+        for index, name in enumerate(names):
+            full_weights[..., EXPERTS.index(name)] = weights[..., index]
+        return mixture, full_weights, stacked, available
+
+    def _forward_mister_e(self, text_embeds, audio_embeds, turn_mask, text_mask, audio_mask, labels, out, terms):
+        experts, reprs = self._expert_outputs(text_embeds, audio_embeds, turn_mask, text_mask, audio_mask)
+        mixture, gate_weights, stacked, available = self._mix(experts, turn_mask)
+        out.update(
+            context_audio_logits=experts.get("speech", (None,))[0],
+            context_text_logits=experts.get("text", (None,))[0],
+            fusion_logits=experts.get("cross_modal", (None,))[0],
+            expert_logits=tuple(experts[name][0] if name in experts else None for name in EXPERTS),
+            gate_weights=gate_weights,
+        )
+        loss = None
+        if labels is not None:
+            terms["mixture"] = self._classification_loss(mixture, labels, turn_mask, "moe")
+            for name, (expert_logits, expert_mask) in experts.items():
+                terms[f"expert_{name}"] = self._classification_loss(expert_logits, labels, expert_mask, "moe")
+            loss = sum(terms.values())
+            if reprs is not None:
+                terms["supcon"] = supervised_contrastive_loss(
+                    reprs[0], reprs[1], labels, text_mask & audio_mask, self.config.supcon_temperature
+                )
+                loss = loss + self.config.supcon_weight * terms["supcon"]
+            if len(experts) > 1:
+                terms["kl"] = symmetric_kl_loss(stacked, available)
+                loss = loss + self.config.kl_weight * terms["kl"]
+        return mixture, loss
+
+    def _finish(self, out, logits, labels, terms, loss, return_dict):
+        output = MeritsConversationClassifierOutput(
+            loss=loss,
+            logits=logits,
+            loss_terms={k: v.detach() for k, v in terms.items()} if terms else None,
+            **out,
+        )
+        return output if return_dict else output.to_tuple()
+
+    # ---- streaming ----------------------------------------------------------------------------------------------
+    def _stream_stage(self):
+        stage = self.config.stage
+        if stage == "utterance":
+            stage = "moe" if self.config.architecture == "mister-e" else (
+                "fusion" if self.fusion is not None else "context")
+        return stage
+
+    def init_stream_state(self, batch_size=1):
+        """Empty streaming state for `batch_size` parallel conversations (needs `config.causal=True`)."""
+        if not self.config.causal:
+            raise ValueError("Streaming needs a causal model: build it with MeritsConfig(causal=True, ...).")
+        param = next(self.parameters())
+        device, dtype = param.device, param.dtype
+        state = {"turn": 0, "batch_size": batch_size}
+        for name in ("text_context", "audio_context", "fusion"):
+            module = getattr(self, name)
+            state[name] = module.init_state(batch_size, device, dtype) if module is not None else None
+        return state
+
+    def stream_step(self, state, text_embeds=None, audio_embeds=None, input_ids=None, attention_mask=None,
+                    input_values=None, input_features=None, audio_attention_mask=None, audio_features=None,
+                    text_mask=None, audio_mask=None):
+        """Process ONE new turn of each of the B conversations in `state`.
+
+        Inputs for that turn: `text_embeds` [B, D_text] / `audio_embeds` [B, D_audio], or raw tensors for one turn
+        ([B, L] `input_ids`, [B, S] `input_values`, [B, F] / [B, K, F] `audio_features`...); `text_mask`/`audio_mask`
+        [B] say whether the turn has that modality (default: it has every modality given).
+        Returns (logits [B, C], gate_weights [B, 3] (mister-e) or None, new_state). Reuses the GRU hidden states,
+        convolution windows and attention keys/values of earlier turns; equals the full causal forward.
+        """
+        config = self.config
+        batch_size = state["batch_size"]
+        if input_ids is not None:
+            text_embeds, _ = self._encode_text(input_ids, attention_mask)
+        if input_values is not None or input_features is not None or audio_features is not None:
+            audio_embeds, _ = self._encode_audio(input_values, input_features, audio_attention_mask, audio_features)
+        device, dtype = next(self.parameters()).device, next(self.parameters()).dtype
+
+        def presence(mask, embeds, has):
+            if not has:
+                return torch.zeros(batch_size, dtype=torch.bool, device=device)
+            if mask is None:
+                return torch.full((batch_size,), embeds is not None, dtype=torch.bool, device=device)
+            return mask.bool().to(device)
+
+        text_present = presence(text_mask, text_embeds, config.has_text)
+        audio_present = presence(audio_mask, audio_embeds, config.has_audio)
+        if not (text_present | audio_present).all():
+            raise ValueError(f"Turn {state['turn']}: some conversation has neither text nor audio for this model.")
+        if config.has_text and text_embeds is None:
+            text_embeds = torch.zeros(batch_size, config.text_embed_dim, device=device, dtype=dtype)
+        if config.has_audio and audio_embeds is None:
+            audio_embeds = torch.zeros(batch_size, config.audio_embed_dim, device=device, dtype=dtype)
+        if text_embeds is not None:
+            text_embeds = text_embeds * text_present.unsqueeze(-1).to(text_embeds.dtype)
+        if audio_embeds is not None:
+            audio_embeds = audio_embeds * audio_present.unsqueeze(-1).to(audio_embeds.dtype)
+
+        new_state = {"turn": state["turn"] + 1, "batch_size": batch_size, "text_context": None,
+                     "audio_context": None, "fusion": None}
+        stage = self._stream_stage()
+        outputs = {}
+        text_features = audio_features = None
+        if self.text_context is not None:
+            text_features, outputs["text"], new_state["text_context"] = self.text_context.step(
+                text_embeds, text_present, state["text_context"])
+        if self.audio_context is not None:
+            audio_features, outputs["speech"], new_state["audio_context"] = self.audio_context.step(
+                audio_embeds, audio_present, state["audio_context"])
+
+        if config.architecture == "merits-l":
+            context_logits = self._combine(outputs.get("text"), outputs.get("speech"), text_present, audio_present)
+            if stage == "context" or self.fusion is None:
+                return context_logits, None, new_state
+            fusion_logits, new_state["fusion"] = self.fusion.step(
+                text_features, audio_features, text_present, audio_present, state["fusion"])
+            both = (text_present & audio_present).unsqueeze(-1)
+            return torch.where(both, fusion_logits, context_logits), None, new_state
+
+        experts = {}
+        if "speech" in outputs:
+            experts["speech"] = (outputs["speech"], audio_present)
+        if "text" in outputs:
+            experts["text"] = (outputs["text"], text_present)
+        if self.fusion is not None:
+            fusion_logits, new_state["fusion"] = self.fusion.step(
+                text_embeds, audio_embeds, text_present, audio_present, state["fusion"])
+            experts["cross_modal"] = (fusion_logits, text_present & audio_present)
+        mixture, gate_weights, _, _ = self._mix(experts, torch.ones(batch_size, dtype=torch.bool, device=device))
+        return mixture, gate_weights, new_state
+
+
+__all__ = [
+    "MeritsConversationClassifierOutput",
+    "MeritsAttentiveStatisticsPooling",
+    "MeritsTextEncoder",
+    "MeritsSpeechEncoder",
+    "MeritsContextEncoder",
+    "MeritsAttention",
+    "MeritsCoAttentionBlock",
+    "MeritsCoAttentionFusion",
+    "MeritsGate",
+    "MeritsPreTrainedModel",
+    "MeritsForConversationClassification",
+    "focal_loss",
+    "supervised_contrastive_loss",
+    "symmetric_kl_loss",
+]

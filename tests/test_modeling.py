@@ -1,0 +1,505 @@
+"""Tests of merits/configuration_merits.py and merits/modeling_merits.py with tiny random configs (no downloads)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _tiny import (  # noqa: E402
+    tiny_llama_config,
+    tiny_merits_config,
+    tiny_roberta_config,
+    tiny_wavlm_config,
+    tiny_whisper_config,
+)
+
+from merits.configuration_merits import MeritsConfig  # noqa: E402
+from merits.modeling_merits import (  # noqa: E402
+    MeritsConversationClassifierOutput,
+    MeritsForConversationClassification,
+    focal_loss,
+    supervised_contrastive_loss,
+    symmetric_kl_loss,
+)
+
+
+torch.set_num_threads(1)
+
+B, T, C, D_TEXT, D_AUDIO = 2, 4, 3, 12, 10
+TURN_MASK = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+LABELS = torch.tensor([[0, 1, 2, 1], [2, 0, 1, -100]])
+STAGES = {"merits-l": ["context", "fusion", "context+fusion"], "mister-e": ["moe"]}
+
+
+def make_model(architecture="merits-l", seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = MeritsForConversationClassification(tiny_merits_config(architecture, **kwargs))
+    return model.eval()
+
+
+def embeds(seed=1, batch=B, turns=T):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, turns, D_TEXT, generator=g), torch.randn(batch, turns, D_AUDIO, generator=g)
+
+
+def randomize(model, std=0.5, seed=0):
+    """Larger random weights so that logits are far from uniform (the 0.02 init makes every expert nearly equal)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(architecture="hcam", text_embed_dim=4), "valid ones are merits-l, mister-e"),
+        (dict(architecture="merits-l"), "at least one modality"),
+        (dict(text_config=tiny_roberta_config(), text_embed_dim=99), "text_embed_dim=99 conflicts"),
+        (dict(audio_feature_dim=20, audio_embed_dim=3), "audio_embed_dim=3 conflicts"),
+        (dict(audio_config=tiny_wavlm_config(), audio_feature_dim=20), "either `audio_config`"),
+        (dict(text_embed_dim=4, id2label={0: "a", 1: "b"}, label2id={"a": 1, "b": 0}), "disagree"),
+        (dict(text_embed_dim=4, stage="moe"), "Unknown stage 'moe'"),
+        (dict(text_embed_dim=4, stage="fusion"), "needs both modalities"),
+        (dict(architecture="mister-e", text_embed_dim=4, experts=["speech"]), "need a modality"),
+        (dict(architecture="mister-e", text_embed_dim=4, experts=["vision"]), "Unknown experts"),
+        (dict(text_embed_dim=4, gate_mode="max"), "Unknown gate_mode"),
+        (dict(text_embed_dim=4, text_pooling="max"), "Unknown text_pooling"),
+        (dict(text_embed_dim=4, fusion_attention_size=10, fusion_num_heads=3), "divisible"),
+        (dict(audio_feature_layers=3), "needs `audio_feature_dim`"),
+        (dict(text_config={"hidden_size": 8}), "must contain `model_type`"),
+    ],
+)
+def test_bad_configs_raise_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        MeritsConfig(**kwargs)
+
+
+def test_config_defaults_and_roundtrip(tmp_path):
+    merits_l = MeritsConfig(text_config=tiny_roberta_config(), audio_feature_dim=2304, audio_feature_layers=13)
+    assert merits_l.stage == "fusion" and merits_l.text_pooling == "cls" and merits_l.classification_loss == "ce"
+    assert merits_l.text_embed_dim == 32 and merits_l.audio_embed_dim == 256  # pooled hidden; CARE head H=256
+    assert merits_l.speech_head_hidden_sizes == [768, 256] and merits_l.speech_head_activation is None
+    assert MeritsConfig(text_embed_dim=8).stage == "context"  # merits-l with one modality
+
+    mister_e = MeritsConfig(
+        architecture="mister-e",
+        text_config=tiny_llama_config().to_dict(),
+        audio_embed_dim=2048,
+        label2id={"neg": 0, "pos": 1},
+    )
+    assert mister_e.stage == "moe" and mister_e.text_embed_dim == 2048 and mister_e.experts == [
+        "speech", "text", "cross_modal"]
+    assert mister_e.id2label == {0: "neg", 1: "pos"} and mister_e.num_labels == 2
+    assert (mister_e.focal_gamma, mister_e.supcon_weight, mister_e.supcon_temperature, mister_e.kl_weight) == (
+        3.0, 2.0, 1.0, 0.1)
+    assert (mister_e.gate_hidden_size, mister_e.gate_temperature, mister_e.context_num_layers) == (10, 2.0, 3)
+    assert type(mister_e.text_config).__name__ == "LlamaConfig"
+
+    for config in (merits_l, mister_e):
+        config.save_pretrained(tmp_path / config.architecture)
+        loaded = MeritsConfig.from_pretrained(tmp_path / config.architecture)
+        assert loaded.to_dict() == config.to_dict()
+        assert type(loaded.text_config) is type(config.text_config)
+        assert loaded.label2id == config.label2id
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shapes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("architecture, stage", [(a, s) for a, stages in STAGES.items() for s in stages])
+def test_output_shapes_from_embeddings(architecture, stage):
+    model = make_model(architecture)
+    text, audio = embeds()
+    out = model(text_embeds=text, audio_embeds=audio, turn_mask=TURN_MASK, labels=LABELS, stage=stage)
+    assert isinstance(out, MeritsConversationClassifierOutput)
+    assert out.logits.shape == (B, T, C) and out.loss.dim() == 0 and torch.isfinite(out.loss)
+    assert out.text_embeds.shape == (B, T, D_TEXT) and out.audio_embeds.shape == (B, T, D_AUDIO)
+    if architecture == "mister-e":
+        assert out.gate_weights.shape == (B, T, 3) and len(out.expert_logits) == 3
+        assert all(e.shape == (B, T, C) for e in out.expert_logits)
+        assert torch.allclose(out.gate_weights[TURN_MASK.bool()].sum(-1), torch.ones(int(TURN_MASK.sum())))
+        assert set(out.loss_terms) == {"mixture", "expert_speech", "expert_text", "expert_cross_modal", "supcon", "kl"}
+    else:
+        assert out.gate_weights is None and out.context_text_logits.shape == (B, T, C)
+        assert (out.fusion_logits is None) == (stage == "context")
+    assert model(text_embeds=text, audio_embeds=audio, turn_mask=TURN_MASK, stage=stage).loss is None
+
+
+def _raw_batch(vocab=99, samples=1600, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = int(TURN_MASK.sum())
+    input_ids = torch.randint(3, vocab, (n, 6), generator=g)
+    attention_mask = torch.ones(n, 6, dtype=torch.long)
+    attention_mask[1, 4:] = 0
+    input_values = torch.randn(n, samples, generator=g)
+    audio_attention_mask = torch.ones(n, samples, dtype=torch.long)
+    audio_attention_mask[2, samples // 2:] = 0
+    return dict(input_ids=input_ids, attention_mask=attention_mask, input_values=input_values,
+                audio_attention_mask=audio_attention_mask, turn_mask=TURN_MASK, labels=LABELS)
+
+
+@pytest.mark.parametrize("architecture", ["merits-l", "mister-e"])
+def test_output_shapes_with_backbones_every_stage(architecture):
+    model = make_model(architecture, text_config=tiny_roberta_config(), audio_config=tiny_wavlm_config())
+    batch = _raw_batch()
+    for stage in ["utterance"] + STAGES[architecture]:
+        out = model(**batch, stage=stage)
+        assert out.logits.shape == (B, T, C) and torch.isfinite(out.loss), stage
+        assert out.utterance_text_logits.shape == (B, T, C) and out.utterance_audio_logits.shape == (B, T, C)
+        assert out.text_embeds.shape == (B, T, model.config.text_embed_dim)
+        assert out.audio_embeds.shape == (B, T, model.config.audio_embed_dim)
+    # the embedding cache's entry point gives the same vectors as forward
+    cache = model.get_utterance_embeddings(**batch)
+    assert cache["text"].shape == (int(TURN_MASK.sum()), model.config.text_embed_dim)
+    torch.testing.assert_close(cache["text"], out.text_embeds[TURN_MASK.bool()])
+    torch.testing.assert_close(cache["audio"], out.audio_embeds[TURN_MASK.bool()])
+
+
+def test_decoder_llm_text_whisper_audio_and_care_features():
+    n = int(TURN_MASK.sum())
+    batch = _raw_batch()
+    # Llama text encoder (decoder LLM) + Whisper encoder over mel features
+    model = make_model("mister-e", text_config=tiny_llama_config(), audio_config=tiny_whisper_config())
+    assert not hasattr(model.speech_encoder.backbone, "decoder")  # the encoder only
+    features = torch.randn(n, 8, 40)  # num_mel_bins=8, 2 * max_source_positions = 40 frames
+    mel_mask = torch.ones(n, 40, dtype=torch.long)
+    mel_mask[0, 20:] = 0
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], input_features=features,
+                audio_attention_mask=mel_mask, turn_mask=TURN_MASK, labels=LABELS, stage="utterance")
+    assert out.logits.shape == (B, T, C) and torch.isfinite(out.loss)
+    assert out.text_embeds.shape == (B, T, 12)  # utterance_embed_dim projection of attentive-stats pooling
+    # CARE-style [K, F] layer stacks as [B, T, K, F]
+    model = make_model("merits-l", audio_feature_dim=20, audio_feature_layers=5)
+    stack = torch.randn(B, T, 5, 20)
+    out = model(text_embeds=embeds()[0], audio_features=stack, turn_mask=TURN_MASK, labels=LABELS, stage="utterance")
+    assert out.utterance_audio_logits.shape == (B, T, C) and out.audio_embeds.shape == (B, T, 8)
+    with pytest.raises(ValueError, match="audio_features"):
+        model(text_embeds=embeds()[0], audio_features=torch.randn(B, T, 4, 20), turn_mask=TURN_MASK)
+    with pytest.raises(ValueError, match="needs raw inputs"):
+        model(text_embeds=embeds()[0], audio_embeds=embeds()[1][..., :8], turn_mask=TURN_MASK, stage="utterance")
+
+
+def test_mismatched_embedding_sizes_fail_clearly():
+    model = make_model("merits-l")
+    text, audio = embeds()
+    with pytest.raises(ValueError, match="`audio_embeds` has size 7 but the config expects 10"):
+        model(text_embeds=text, audio_embeds=audio[..., :7], turn_mask=TURN_MASK)
+    with pytest.raises(ValueError, match="real turn 2 after a padded turn 1"):
+        model(text_embeds=text, audio_embeds=audio, turn_mask=torch.tensor([[1, 0, 1, 0], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="Conversation 1, turn 2 .* neither text nor audio"):
+        model(text_embeds=text, audio_embeds=audio, turn_mask=TURN_MASK,
+              text_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]), audio_mask=torch.tensor([[1, 1, 1, 1], [0, 1, 0, 0]]))
+    with pytest.raises(ValueError, match="Got 3 utterances but `turn_mask` has 7 real turns"):
+        make_model("merits-l", audio_feature_dim=20)(
+            text_embeds=text, audio_features=torch.randn(3, 20), turn_mask=TURN_MASK)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Padding invariance
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _pad(tensor, turns, batch, fill):
+    """Append padded turns (and padded conversations) filled with `fill` values."""
+    out = fill(batch, turns, *tensor.shape[2:]).to(tensor.dtype)
+    out[: tensor.shape[0], : tensor.shape[1]] = tensor
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("architecture, stage", [(a, s) for a, stages in STAGES.items() for s in stages])
+def test_padding_never_changes_real_turns(architecture, stage, causal):
+    model = randomize(make_model(architecture, causal=causal), std=0.1)
+    text, audio = embeds()
+    labels = LABELS
+    base = model(text_embeds=text, audio_embeds=audio, turn_mask=TURN_MASK, labels=labels, stage=stage)
+    real = TURN_MASK.bool()
+    for seed in (1, 2):  # two different padding contents
+        g = torch.Generator().manual_seed(seed)
+        noise = lambda *shape: torch.randn(*shape, generator=g) * 5  # noqa: E731
+        padded_mask = torch.zeros(B + 1, T + 2, dtype=torch.long)
+        padded_mask[:B, :T] = TURN_MASK
+        padded_mask[B, :2] = 1  # an extra, shorter conversation
+        padded_labels = torch.full((B + 1, T + 2), -100)
+        padded_labels[:B, :T] = labels
+        out = model(
+            text_embeds=_pad(text, T + 2, B + 1, noise),
+            audio_embeds=_pad(audio, T + 2, B + 1, noise),
+            turn_mask=padded_mask,
+            labels=padded_labels,
+            stage=stage,
+        )
+        torch.testing.assert_close(out.logits[:B, :T][real], base.logits[real], atol=1e-5, rtol=0)
+        if architecture == "mister-e":
+            torch.testing.assert_close(out.gate_weights[:B, :T][real], base.gate_weights[real], atol=1e-5, rtol=0)
+        # the loss: compare with the extra conversation fully padded (a zero-length conversation)
+        padded_mask[B] = 0
+        out = model(text_embeds=_pad(text, T + 2, B + 1, noise), audio_embeds=_pad(audio, T + 2, B + 1, noise),
+                    turn_mask=padded_mask, labels=padded_labels, stage=stage)
+        for name, value in base.loss_terms.items():
+            torch.testing.assert_close(out.loss_terms[name], value, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Missing modality
+# ---------------------------------------------------------------------------------------------------------------
+
+TEXT_MASK = torch.tensor([[1, 1, 0, 1], [1, 1, 1, 0]])
+AUDIO_MASK = torch.tensor([[1, 0, 1, 1], [1, 1, 1, 0]])
+
+
+@pytest.mark.parametrize("gate_mode", ["learned", "mean", "vote"])
+def test_mister_e_gate_gives_zero_weight_to_absent_experts(gate_mode):
+    model = randomize(make_model("mister-e", gate_mode=gate_mode), std=0.3)
+    text, audio = embeds()
+    out = model(text_embeds=text, audio_embeds=audio, turn_mask=TURN_MASK, text_mask=TEXT_MASK,
+                audio_mask=AUDIO_MASK, labels=LABELS)
+    w = out.gate_weights  # (speech, text, cross_modal)
+    assert torch.all(w[0, 1, 0] == 0) and torch.all(w[0, 1, 2] == 0)  # turn without audio
+    assert torch.all(w[0, 2, 1] == 0) and torch.all(w[0, 2, 2] == 0)  # turn without text
+    assert w[0, 1, 1] == 1 and w[0, 2, 0] == 1
+    assert torch.allclose(w[TURN_MASK.bool()].sum(-1), torch.ones(7))
+    assert torch.all(w[1, 3] == 0)  # padding
+    # the mixture at a text-only turn is the text expert itself
+    torch.testing.assert_close(out.logits[0, 1], out.expert_logits[1][0, 1])
+    # what sits in an absent modality's slot never matters
+    out2 = model(text_embeds=text, audio_embeds=audio + 7 * (1 - AUDIO_MASK).unsqueeze(-1), turn_mask=TURN_MASK,
+                 text_mask=TEXT_MASK, audio_mask=AUDIO_MASK, labels=LABELS)
+    torch.testing.assert_close(out2.logits, out.logits)
+    torch.testing.assert_close(out2.loss, out.loss)
+
+
+def test_mister_e_vote_and_mean_gates():
+    torch.manual_seed(0)
+    model = make_model("mister-e", gate_mode="vote")
+    logits = torch.tensor([[[2.0, 0, 0], [0, 3.0, 0], [0, 0, 1.0]],  # 1-1-1 tie -> cross-modal
+                           [[2.0, 0, 0], [3.0, 0, 0], [0, 0, 1.0]]])  # 2 votes for class 0
+    available = torch.ones(2, 3, dtype=torch.bool)
+    w = model.gate(logits, available, [0, 1, 2])
+    torch.testing.assert_close(w, torch.tensor([[0.0, 0, 1], [0.5, 0.5, 0]]))
+    model.gate.mode = "mean"
+    w = model.gate(logits, torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool))
+    torch.testing.assert_close(w, torch.tensor([[0.5, 0.5, 0], [1 / 3, 1 / 3, 1 / 3]]))
+
+
+def test_merits_l_falls_back_to_the_other_modality():
+    model = randomize(make_model("merits-l"), std=0.3)
+    text, audio = embeds()
+    out = model(text_embeds=text, audio_embeds=audio, turn_mask=TURN_MASK, text_mask=TEXT_MASK, audio_mask=AUDIO_MASK,
+                stage="fusion")
+    torch.testing.assert_close(out.logits[0, 1], out.context_text_logits[0, 1])  # no audio -> text context
+    torch.testing.assert_close(out.logits[0, 2], out.context_audio_logits[0, 2])  # no text -> speech context
+    torch.testing.assert_close(out.logits[0, 0], out.fusion_logits[0, 0])
+    assert not torch.allclose(out.logits[0, 0], out.context_text_logits[0, 0])
+    # a turn without audio is never attended as audio: its audio content changes nothing anywhere
+    out2 = model(text_embeds=text, audio_embeds=audio + 7 * (1 - AUDIO_MASK).unsqueeze(-1), turn_mask=TURN_MASK,
+                 text_mask=TEXT_MASK, audio_mask=AUDIO_MASK, stage="fusion")
+    torch.testing.assert_close(out2.logits, out.logits)
+
+
+@pytest.mark.parametrize("architecture", ["merits-l", "mister-e"])
+def test_single_modality_models(architecture):
+    text, audio = embeds()
+    text_only = make_model(architecture, audio_embed_dim=None)
+    out = text_only(text_embeds=text, turn_mask=TURN_MASK, labels=LABELS)
+    assert out.logits.shape == (B, T, C) and torch.isfinite(out.loss)
+    speech_only = make_model(architecture, text_embed_dim=None)
+    out = speech_only(audio_embeds=audio, turn_mask=TURN_MASK, labels=LABELS)
+    assert out.logits.shape == (B, T, C) and torch.isfinite(out.loss)
+    if architecture == "mister-e":
+        assert speech_only.config.experts == ["speech"]
+        assert torch.all(out.gate_weights[TURN_MASK.bool()][:, 0] == 1)
+        single = make_model(architecture, experts=["cross_modal"])  # single-expert ablation
+        out = single(text_embeds=text, audio_embeds=audio, turn_mask=TURN_MASK, labels=LABELS)
+        assert set(out.loss_terms) == {"mixture", "expert_cross_modal", "supcon"}
+        assert out.expert_logits[0] is None and out.expert_logits[1] is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_loss_functions_zero_where_they_must_be():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, C, generator=g)
+    labels = torch.tensor([[0, 1, 2, -100], [2, 2, 0, 1]])
+    none = torch.zeros(2, 4, dtype=torch.bool)
+    # focal: gamma 0 is cross-entropy over the labelled turns; empty mask -> 0
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, C), labels.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(focal_loss(logits, labels, gamma=0.0), ce)
+    focal = focal_loss(logits, labels, gamma=3.0)
+    assert 0 < focal < ce
+    assert focal_loss(logits, labels, mask=none) == 0
+    # SupCon: finite and positive, 0 with an empty mask
+    text, audio = torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, 8, generator=g)
+    both = torch.ones(2, 4, dtype=torch.bool)
+    supcon = supervised_contrastive_loss(text, audio, labels, both)
+    assert torch.isfinite(supcon) and supcon > 0
+    assert supervised_contrastive_loss(text, audio, labels, none) == 0
+    # KL: identical experts -> 0, empty availability -> 0, different experts -> > 0
+    same = logits.unsqueeze(-2).expand(2, 4, 3, C)
+    available = torch.ones(2, 4, 3, dtype=torch.bool)
+    assert symmetric_kl_loss(same, available).abs() < 1e-6
+    different = torch.randn(2, 4, 3, C, generator=g)
+    assert symmetric_kl_loss(different, available) > 0
+    assert symmetric_kl_loss(different, torch.zeros_like(available)) == 0
+    # KL ignores turns where an expert is unavailable
+    masked = available.clone()
+    masked[0, 0, 1] = False
+    changed = different.clone()
+    changed[0, 0, 1] += 10
+    torch.testing.assert_close(symmetric_kl_loss(changed, masked), symmetric_kl_loss(different, masked))
+
+
+def test_model_loss_terms_finite_and_nonzero():
+    model = randomize(make_model("mister-e"), std=0.3)
+    text, audio = embeds()
+    out = model(text_embeds=text, audio_embeds=audio, turn_mask=TURN_MASK, labels=LABELS)
+    for name, value in out.loss_terms.items():
+        assert torch.isfinite(value) and value > 0, name
+    expected = sum(out.loss_terms[k] for k in ("mixture", "expert_speech", "expert_text", "expert_cross_modal"))
+    expected = expected + 2.0 * out.loss_terms["supcon"] + 0.1 * out.loss_terms["kl"]
+    torch.testing.assert_close(out.loss.detach(), expected)
+    # no turn with both modalities -> SupCon is exactly 0
+    out = model(text_embeds=text, audio_embeds=audio, turn_mask=TURN_MASK,
+                text_mask=torch.tensor([[1, 0, 1, 0], [1, 0, 1, 0]]), audio_mask=torch.tensor([[0, 1, 0, 1], [0, 1, 0, 0]]),
+                labels=LABELS)
+    assert out.loss_terms["supcon"] == 0 and torch.isfinite(out.loss)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stages and freezing
+# ---------------------------------------------------------------------------------------------------------------
+
+STAGE_PREFIXES = {
+    "utterance": ("text_encoder.", "speech_encoder."),
+    "context": ("text_context.", "audio_context."),
+    "fusion": ("fusion.",),
+    "context+fusion": ("text_context.", "audio_context.", "fusion."),
+    "moe": ("text_context.", "audio_context.", "fusion.", "gate."),
+}
+
+
+@pytest.mark.parametrize("architecture", ["merits-l", "mister-e"])
+def test_gradients_reach_exactly_the_stage(architecture):
+    model = make_model(architecture, text_config=tiny_roberta_config(), audio_config=tiny_wavlm_config())
+    model.train()
+    batch = _raw_batch()
+    for stage in ["utterance"] + STAGES[architecture]:
+        trainable = set(model.freeze_for_stage(stage))
+        expected = {
+            name for name, _ in model.named_parameters()
+            if name.startswith(STAGE_PREFIXES[stage]) and not name.startswith("speech_encoder.backbone.")
+        }
+        assert trainable == expected, stage
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()  # the stage comes from freeze_for_stage via config.stage
+        with_grad = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert with_grad == expected, (stage, sorted(expected - with_grad)[:5], sorted(with_grad - expected)[:5])
+        assert not any(p.requires_grad for p in model.speech_encoder.backbone.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streaming
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("architecture", ["merits-l", "mister-e"])
+def test_streaming_equals_full_causal_forward(architecture):
+    model = randomize(make_model(architecture, causal=True), std=0.1)
+    turns = 6
+    text, audio = embeds(batch=2, turns=turns)
+    turn_mask = torch.ones(2, turns, dtype=torch.long)
+    text_mask = torch.ones(2, turns, dtype=torch.long)
+    audio_mask = torch.ones(2, turns, dtype=torch.long)
+    text_mask[0, 2] = 0
+    audio_mask[1, 4] = 0
+    with torch.no_grad():
+        full = model(text_embeds=text, audio_embeds=audio, turn_mask=turn_mask, text_mask=text_mask,
+                     audio_mask=audio_mask)
+        state = model.init_stream_state(batch_size=2)
+        for t in range(turns):
+            logits, gate, state = model.stream_step(state, text_embeds=text[:, t], audio_embeds=audio[:, t],
+                                                    text_mask=text_mask[:, t], audio_mask=audio_mask[:, t])
+            torch.testing.assert_close(logits, full.logits[:, t], atol=1e-5, rtol=0)
+            if architecture == "mister-e":
+                torch.testing.assert_close(gate, full.gate_weights[:, t], atol=1e-5, rtol=0)
+            else:
+                assert gate is None
+    # earlier turns are cached (O(T) memory), not recomputed: one cached key per turn, fixed-size GRU states
+    assert state["turn"] == turns
+    assert state["fusion"]["blocks"][0]["text_self"][0].shape[2] == turns
+    assert state["text_context"]["gru"].shape[1] == 2
+    # a future turn never changes the past in the causal model
+    changed = model(text_embeds=torch.cat([text[:, :3], text[:, 3:] + 5], 1), audio_embeds=audio,
+                    turn_mask=turn_mask, text_mask=text_mask, audio_mask=audio_mask)
+    torch.testing.assert_close(changed.logits[:, :3], full.logits[:, :3], atol=1e-5, rtol=0)
+
+
+def test_streaming_with_raw_features_and_non_causal_error():
+    model = randomize(make_model("merits-l", causal=True, audio_feature_dim=20), std=0.1)
+    text = torch.randn(1, 3, D_TEXT)
+    feats = torch.randn(1, 3, 20)
+    with torch.no_grad():
+        full = model(text_embeds=text, audio_features=feats, turn_mask=torch.ones(1, 3))
+        state = model.init_stream_state()
+        for t in range(3):
+            logits, _, state = model.stream_step(state, text_embeds=text[:, t], audio_features=feats[:, t])
+            torch.testing.assert_close(logits, full.logits[:, t], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="causal"):
+        make_model("merits-l").init_stream_state()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_from_backbones_loads_pretrained_weights(tmp_path):
+    torch.manual_seed(0)
+    text_dir, audio_dir, whisper_dir = tmp_path / "text", tmp_path / "audio", tmp_path / "whisper"
+    AutoModel.from_config(tiny_roberta_config()).save_pretrained(text_dir)
+    AutoModel.from_config(tiny_wavlm_config()).save_pretrained(audio_dir)
+    AutoModel.from_config(tiny_whisper_config()).save_pretrained(whisper_dir)
+    model = MeritsForConversationClassification.from_backbones(
+        text_dir, audio_dir, architecture="merits-l", id2label={0: "a", 1: "b"}, speech_head_hidden_sizes=[8, 4])
+    reference = AutoModel.from_pretrained(text_dir).state_dict()
+    for name, value in model.text_encoder.backbone.state_dict().items():
+        torch.testing.assert_close(value, reference[name], rtol=0, atol=0)
+    reference = AutoModel.from_pretrained(audio_dir).state_dict()
+    for name, value in model.speech_encoder.backbone.state_dict().items():
+        torch.testing.assert_close(value, reference[name], rtol=0, atol=0)
+    assert model.config.text_embed_dim == 32 and model.config.audio_embed_dim == 4
+    assert not any(p.requires_grad for p in model.speech_encoder.backbone.parameters())
+
+    model = MeritsForConversationClassification.from_backbones(
+        audio_model_name_or_path=whisper_dir, architecture="mister-e", audio_embed_dim=None, id2label={0: "a", 1: "b"})
+    reference = AutoModel.from_pretrained(whisper_dir).get_encoder().state_dict()
+    for name, value in model.speech_encoder.backbone.state_dict().items():
+        torch.testing.assert_close(value, reference[name], rtol=0, atol=0)
+
+
+def test_save_and_reload_gives_the_same_outputs(tmp_path):
+    model = randomize(make_model("mister-e", text_config=tiny_roberta_config()), std=0.05)
+    batch = _raw_batch()
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  audio_embeds=embeds()[1], turn_mask=TURN_MASK)
+    with torch.no_grad():
+        expected = model(**kwargs).logits
+    model.save_pretrained(tmp_path)
+    loaded = MeritsForConversationClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**kwargs).logits, expected)
