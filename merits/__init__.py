@@ -1,0 +1,68 @@
+# Copyright 2025 The merits authors. Licensed under the Apache License, Version 2.0.
+"""merits: MERITS-L and MiSTER-E speech + text emotion recognition in conversations, as Hugging Face Hub models.
+
+```python
+from merits import MeritsConfig, MeritsForConversationClassification, MeritsProcessor
+
+model = MeritsForConversationClassification(MeritsConfig(architecture="mister-e", text_embed_dim=..., ...))
+```
+
+Importing the package registers its classes with transformers:
+
+- `AutoConfig` (model type ``"merits"``), `AutoModel`, `AutoFeatureExtractor` and `AutoProcessor`, so that the Auto
+  classes load merits folders in this process;
+- ``register_for_auto_class`` on the config, model, processor and acoustic feature extractor, so that
+  ``save_pretrained`` writes ``auto_map`` and copies the remote-code files next to the weights;
+- the pipeline task ``"conversation-emotion-recognition"`` in transformers' ``PIPELINE_REGISTRY``.
+"""
+
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoProcessor
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from .configuration_merits import MeritsConfig
+from .feature_extraction_merits import MeritsAcousticFeatureExtractor
+from .hub import PIPELINE_TASK, load_hub_folder, save_hub_folder
+from .modeling_merits import (
+    MeritsConversationClassifierOutput,
+    MeritsForConversationClassification,
+    MeritsPreTrainedModel,
+)
+from .pipeline_merits import ConversationEmotionRecognitionPipeline
+from .processing_merits import MeritsProcessor
+
+
+__version__ = "0.1.0"
+
+# In-process Auto classes.
+AutoConfig.register(MeritsConfig.model_type, MeritsConfig, exist_ok=True)
+AutoModel.register(MeritsConfig, MeritsForConversationClassification, exist_ok=True)
+AutoFeatureExtractor.register(MeritsConfig, MeritsAcousticFeatureExtractor, exist_ok=True)
+AutoProcessor.register(MeritsConfig, MeritsProcessor, exist_ok=True)
+
+# Remote code: `save_pretrained` writes `auto_map` entries and copies the defining files.
+MeritsConfig.register_for_auto_class("AutoConfig")
+MeritsForConversationClassification.register_for_auto_class("AutoModel")
+MeritsAcousticFeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
+MeritsProcessor.register_for_auto_class("AutoProcessor")
+
+# The pipeline task; `merits.hub.save_hub_folder` turns this registration into `custom_pipelines` in config.json.
+PIPELINE_REGISTRY.register_pipeline(
+    PIPELINE_TASK,
+    pipeline_class=ConversationEmotionRecognitionPipeline,
+    pt_model=AutoModel,
+    type="multimodal",
+)
+
+
+__all__ = [
+    "ConversationEmotionRecognitionPipeline",
+    "MeritsAcousticFeatureExtractor",
+    "MeritsConfig",
+    "MeritsConversationClassifierOutput",
+    "MeritsForConversationClassification",
+    "MeritsPreTrainedModel",
+    "MeritsProcessor",
+    "PIPELINE_TASK",
+    "load_hub_folder",
+    "save_hub_folder",
+]
