@@ -1,0 +1,364 @@
+"""LLM sentiment pseudo-labelling (MERITS-L pre-training, papers.md §3.2).
+
+Two engines label a transcript as ``positive`` / ``negative`` / ``neutral``:
+
+- :class:`OpenAICompatibleLabeller`: any OpenAI-compatible chat-completions endpoint (a local vLLM
+  server in this project). Several requests are kept in flight with ``asyncio`` + ``httpx``; failed
+  requests are retried with exponential backoff; the reply is constrained with vLLM structured
+  outputs (``"structured_outputs": {"choice": [...]}`` in the request body).
+- :class:`InProcessVLLMLabeller`: ``vllm.LLM`` in this process (imported lazily), the same prompt and
+  the same ``structured_outputs`` constraint through ``SamplingParams``.
+
+Both return :class:`LabelResult` objects; :func:`parse_label` maps a reply to a label defensively
+(papers.md §6 #4: the first label word the reply contains), and an unparseable reply is kept with
+``label=None`` so that it is recorded, never silently lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Iterable, Sequence
+
+#: The three pseudo-label classes of MERITS-L, in the order the prompt names them.
+SENTIMENT_LABELS: tuple[str, ...] = ("positive", "negative", "neutral")
+
+#: The labelling prompt of papers.md §3.2, sent as the system message.
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a sentiment classification bot. Given the [sentence], classify as positive, "
+    "negative or neutral sentiment. Please give the sentiment and no extra text as output."
+)
+#: The user message; ``{text}`` is replaced by the transcript.
+DEFAULT_USER_TEMPLATE = "[sentence]: {text}"
+
+
+class LLMServerError(RuntimeError):
+    """The LLM endpoint cannot be used (down, wrong model name, bad request); the message says why."""
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """The labelling prompt and decoding settings. Everything that changes a reply enters :meth:`hash`."""
+
+    system: str = DEFAULT_SYSTEM_PROMPT
+    user: str = DEFAULT_USER_TEMPLATE
+    labels: tuple[str, ...] = SENTIMENT_LABELS
+    temperature: float = 0.0
+    max_tokens: int = 4
+    structured_outputs: bool = True
+
+    def __post_init__(self):
+        if "{text}" not in self.user:
+            raise ValueError(f"the user template must contain '{{text}}', got {self.user!r}")
+        if len(set(self.labels)) != len(self.labels) or not self.labels:
+            raise ValueError(f"labels must be distinct and non-empty, got {self.labels!r}")
+
+    def messages(self, text: str) -> list[dict[str, str]]:
+        """Chat messages for one transcript: the system prompt, then ``[sentence]: <text>``."""
+        messages = []
+        if self.system:
+            messages.append({"role": "system", "content": self.system})
+        messages.append({"role": "user", "content": self.user.replace("{text}", text)})
+        return messages
+
+    def hash(self) -> str:
+        """A short sha256 of the prompt, label set and decoding settings (stored with every label)."""
+        payload = json.dumps(
+            {
+                "system": self.system,
+                "user": self.user,
+                "labels": list(self.labels),
+                "temperature": self.temperature,
+                "max_tokens": self.max_tokens,
+                "structured_outputs": self.structured_outputs,
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def parse_label(reply: str | None, labels: Sequence[str] = SENTIMENT_LABELS) -> str | None:
+    """Map an LLM reply to a label: the label word that occurs *first* in the reply, or ``None``.
+
+    Matching is case-insensitive and on whole words ("Negative." and "sentiment: neutral" parse; "non-
+    positive" parses as positive, as the spec's rule says; "positi" — a reply cut by ``max_tokens`` —
+    does not).
+    """
+    if not reply:
+        return None
+    lowered = reply.lower()
+    best: tuple[int, str] | None = None
+    for label in labels:
+        match = re.search(rf"(?<![a-z]){re.escape(label.lower())}(?![a-z])", lowered)
+        if match and (best is None or match.start() < best[0]):
+            best = (match.start(), label)
+    return best[1] if best else None
+
+
+@dataclass
+class LabelResult:
+    """The outcome of labelling one transcript.
+
+    ``error`` is set (and ``reply`` is ``None``) when the request failed for this row after retries
+    with a row-specific error (e.g. HTTP 400: prompt too long); such rows are retried on a rerun.
+    """
+
+    reply: str | None
+    label: str | None
+    error: str | None = None
+
+
+@dataclass
+class RetryPolicy:
+    """Exponential backoff: wait ``base * 2**attempt`` (capped, with jitter) between attempts."""
+
+    max_retries: int = 5
+    base_delay: float = 0.5
+    max_delay: float = 20.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.max_delay, self.base_delay * 2**attempt) * (0.75 + 0.5 * random.random())
+
+
+class _Retryable(Exception):
+    """A transient failure (connection refused/reset, timeout, HTTP 429/5xx)."""
+
+
+class OpenAICompatibleLabeller:
+    """Labels transcripts through ``POST {base_url}/chat/completions`` with several requests in flight.
+
+    Args:
+        base_url: the API root, e.g. ``http://127.0.0.1:8000/v1``.
+        model: the served model name (as listed by ``GET {base_url}/models``).
+        prompt: the :class:`PromptTemplate`.
+        concurrency: requests kept in flight at once.
+        retry: the :class:`RetryPolicy` for transient failures.
+        timeout: seconds per request.
+        api_key: sent as a bearer token when given (a local vLLM server needs none).
+        transport: an ``httpx.AsyncBaseTransport`` to use instead of the network (tests).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        prompt: PromptTemplate | None = None,
+        concurrency: int = 16,
+        retry: RetryPolicy | None = None,
+        timeout: float = 60.0,
+        api_key: str | None = None,
+        transport=None,
+    ):
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.prompt = prompt or PromptTemplate()
+        self.concurrency = concurrency
+        self.retry = retry or RetryPolicy()
+        self.timeout = timeout
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.transport = transport
+
+    @property
+    def name(self) -> str:
+        return self.model
+
+    def _client(self):
+        import httpx
+
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        return httpx.AsyncClient(timeout=self.timeout, limits=limits, headers=self.headers, transport=self.transport)
+
+    def request_body(self, text: str) -> dict:
+        """The JSON body of one chat-completions request (temperature 0, at most 4 tokens, choice-constrained)."""
+        body = {
+            "model": self.model,
+            "messages": self.prompt.messages(text),
+            "temperature": self.prompt.temperature,
+            "max_tokens": self.prompt.max_tokens,
+        }
+        if self.prompt.structured_outputs:
+            # vLLM >= 0.11 structured outputs; the older "guided_choice" key is silently ignored by vLLM.
+            body["structured_outputs"] = {"choice": list(self.prompt.labels)}
+        return body
+
+    async def served_models(self, client=None) -> list[str]:
+        """The model names served at ``base_url`` (``GET /models``); :class:`LLMServerError` if unreachable."""
+        import httpx
+
+        own_client = client is None
+        client = client or self._client()
+        try:
+            last_error: Exception | None = None
+            for attempt in range(self.retry.max_retries + 1):
+                try:
+                    response = await client.get(f"{self.base_url}/models")
+                except (httpx.TransportError, httpx.TimeoutException) as error:
+                    last_error = error
+                else:
+                    if response.status_code < 500:
+                        break
+                    last_error = LLMServerError(f"HTTP {response.status_code}: {response.text[:200]}")
+                if attempt < self.retry.max_retries:
+                    await asyncio.sleep(self.retry.delay(attempt))
+            else:
+                raise LLMServerError(
+                    f"cannot reach the LLM server at {self.base_url} ({type(last_error).__name__}: {last_error}); "
+                    f"is it running? (start one with `python -m vllm.entrypoints.openai.api_server --model ...`)"
+                )
+            if response.status_code != 200:
+                raise LLMServerError(
+                    f"{self.base_url}/models answered HTTP {response.status_code}: {response.text[:300]}"
+                )
+            try:
+                return [entry["id"] for entry in response.json()["data"]]
+            except (ValueError, KeyError, TypeError) as error:
+                raise LLMServerError(
+                    f"{self.base_url}/models did not return an OpenAI model list: {response.text[:300]}"
+                ) from error
+        finally:
+            if own_client:
+                await client.aclose()
+
+    async def check(self, client=None) -> None:
+        """Fail early and clearly: the server must answer and serve ``self.model``."""
+        models = await self.served_models(client)
+        if self.model not in models:
+            raise LLMServerError(
+                f"the LLM server at {self.base_url} does not serve a model named {self.model!r}; "
+                f"served models: {', '.join(models) or '(none)'} (pass one of them with --llm-model)"
+            )
+
+    async def _post(self, client, body: dict) -> str:
+        import httpx
+
+        try:
+            response = await client.post(f"{self.base_url}/chat/completions", json=body)
+        except (httpx.TransportError, httpx.TimeoutException) as error:
+            raise _Retryable(f"{type(error).__name__}: {error}") from error
+        if response.status_code == 429 or response.status_code >= 500:
+            raise _Retryable(f"HTTP {response.status_code}: {response.text[:200]}")
+        if response.status_code == 404:
+            raise LLMServerError(f"{self.base_url}/chat/completions answered 404: {response.text[:300]}")
+        if response.status_code != 200:
+            raise _RowError(f"HTTP {response.status_code}: {response.text[:300]}")
+        try:
+            content = response.json()["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError) as error:
+            raise _RowError(f"malformed reply: {response.text[:300]}") from error
+        return content if content is not None else ""
+
+    async def label_one(self, client, text: str) -> LabelResult:
+        """Label one transcript, retrying transient failures; :class:`LLMServerError` when retries run out."""
+        body = self.request_body(text)
+        for attempt in range(self.retry.max_retries + 1):
+            try:
+                reply = await self._post(client, body)
+            except _Retryable as error:
+                if attempt == self.retry.max_retries:
+                    raise LLMServerError(
+                        f"the LLM server at {self.base_url} kept failing after {attempt + 1} attempts "
+                        f"(last: {error}); finished rows are kept, rerun the same command to resume"
+                    ) from error
+                await asyncio.sleep(self.retry.delay(attempt))
+            except _RowError as error:
+                return LabelResult(reply=None, label=None, error=str(error))
+            else:
+                return LabelResult(reply=reply, label=parse_label(reply, self.prompt.labels))
+        raise AssertionError("unreachable")
+
+    async def label_stream(
+        self,
+        items: Iterable[tuple[str, str]],
+        on_result: Callable[[str, LabelResult], Awaitable[None] | None],
+        check: bool = True,
+    ) -> None:
+        """Label ``(id, text)`` pairs with ``concurrency`` workers; ``on_result(id, result)`` as each arrives.
+
+        The first fatal error (server gone after retries) stops all workers and is raised; results
+        already delivered to ``on_result`` stay delivered.
+        """
+        queue: asyncio.Queue = asyncio.Queue()
+        for item in items:
+            queue.put_nowait(item)
+        async with self._client() as client:
+            if check:
+                await self.check(client)
+
+            async def worker():
+                while True:
+                    try:
+                        row_id, text = queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        return
+                    result = await self.label_one(client, text)
+                    outcome = on_result(row_id, result)
+                    if asyncio.iscoroutine(outcome):
+                        await outcome
+
+            workers = [asyncio.create_task(worker()) for _ in range(min(self.concurrency, max(queue.qsize(), 1)))]
+            try:
+                await asyncio.gather(*workers)
+            finally:
+                for task in workers:
+                    task.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+
+    def label(self, items: Iterable[tuple[str, str]], on_result: Callable[[str, LabelResult], None]) -> None:
+        """Synchronous wrapper around :meth:`label_stream`."""
+        asyncio.run(self.label_stream(items, on_result))
+
+    def check_sync(self) -> None:
+        asyncio.run(self.check())
+
+
+class _RowError(Exception):
+    """A failure specific to one row (HTTP 4xx other than 404/429, a malformed reply)."""
+
+
+@dataclass
+class InProcessVLLMLabeller:
+    """Labels with ``vllm.LLM`` loaded in this process (``--engine inprocess``).
+
+    ``vllm`` is imported only when this class is used. ``model`` is a local model folder (or a name
+    vLLM resolves); ``batch_size`` rows are submitted per ``LLM.chat`` call and reported as a batch.
+    """
+
+    model: str
+    prompt: PromptTemplate = field(default_factory=PromptTemplate)
+    batch_size: int = 64
+    engine_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        try:
+            from vllm import LLM, SamplingParams
+            from vllm.sampling_params import StructuredOutputsParams
+        except ImportError as error:
+            raise LLMServerError(
+                "--engine inprocess needs the `vllm` package in this Python; run label_with_llm.py with the "
+                "vLLM venv's python (bash scripts/setup_vllm_venv.sh prints it) or use --engine http"
+            ) from error
+        kwargs = {"enforce_eager": True, **self.engine_kwargs}
+        self._llm = LLM(model=self.model, **kwargs)
+        structured = StructuredOutputsParams(choice=list(self.prompt.labels)) if self.prompt.structured_outputs else None
+        self._sampling = SamplingParams(
+            temperature=self.prompt.temperature, max_tokens=self.prompt.max_tokens, structured_outputs=structured
+        )
+
+    @property
+    def name(self) -> str:
+        return self.model
+
+    def label(self, items: Iterable[tuple[str, str]], on_result: Callable[[str, LabelResult], None]) -> None:
+        items = list(items)
+        for start in range(0, len(items), self.batch_size):
+            batch = items[start : start + self.batch_size]
+            outputs = self._llm.chat([self.prompt.messages(text) for _, text in batch], self._sampling, use_tqdm=False)
+            for (row_id, _), output in zip(batch, outputs):
+                reply = output.outputs[0].text if output.outputs else ""
+                on_result(row_id, LabelResult(reply=reply, label=parse_label(reply, self.prompt.labels)))
