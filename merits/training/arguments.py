@@ -1,0 +1,392 @@
+"""Every option of ``train.py``: one dataclass, filled from a YAML file then from ``--key value`` overrides.
+
+```python
+from merits.training.arguments import parse_args
+
+args = parse_args(["--config", "configs/meld_merits-l.yaml", "--context.learning_rate", "5e-5"])
+```
+
+A YAML file holds the same keys as :class:`TrainingArguments`; the per-stage settings are nested
+mappings (``utterance:``, ``context:``, ``fusion:``, ``moe:``, ``pretrain:``) of
+:class:`StageArguments`. On the command line a nested key is written with a dot
+(``--utterance.num_epochs 3``). Values are converted to the field's type, so ``1e-4`` is a float even
+though YAML 1.1 reads it as a string. Unknown keys are refused with the file (or flag) that holds them.
+
+Relative paths in a YAML file are relative to the repository root (the folder holding ``train.py``):
+``data_dir: ../shared/data/meld`` works from any working directory. The environment variable
+``MERITS_SHARED_DATA`` replaces the ``../shared/data`` prefix (tests and other machines use it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+SHARED_DATA_PREFIX = "../shared/data"
+
+ARCHITECTURES = ("merits-l", "mister-e")
+STAGE_NAMES = ("pretrain", "utterance", "context", "fusion", "context+fusion", "moe")
+MODALITIES = ("text", "audio")
+
+
+class ConfigError(ValueError):
+    """A configuration file or command-line override is wrong; the message names the key and its source."""
+
+
+@dataclass
+class StageArguments:
+    """Optimisation settings of one training stage.
+
+    ``batch_size`` is the *effective* batch: utterances for the ``pretrain`` and ``utterance``
+    stages, conversations for the others. It is split over processes and gradient-accumulation
+    steps, so a 2-process run sees the same effective batch as a 1-process run.
+    """
+
+    num_epochs: int = 50
+    learning_rate: float = 1e-4
+    batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    optimizer: str = "adamw"  # "adamw" | "adam"
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    warmup_ratio: float = 0.0
+    max_grad_norm: Optional[float] = 1.0
+    early_stopping_patience: Optional[int] = None  # epochs without a better validation wF1
+
+
+def _stage(**overrides) -> StageArguments:
+    return StageArguments(**overrides)
+
+
+@dataclass
+class TrainingArguments:
+    """All options of ``train.py``. Defaults: the papers' values (shared/spec/papers.md)."""
+
+    # --- run ---
+    config: Optional[str] = None  # YAML file read before the overrides
+    output_dir: str = "outputs/demo"
+    overwrite_output_dir: bool = False  # allow writing into a folder that holds another run
+    resume: bool = False  # continue the run in output_dir from its last checkpoint
+    seed: int = 42
+    mixed_precision: str = "no"  # "no" | "bf16"
+    checkpointing_steps: int = 200  # accelerator.save_state every N optimiser steps (and at every epoch end)
+    logging_steps: int = 10
+    report_to: str = "tensorboard"  # "tensorboard" | "none"
+    push_to_hub: bool = False
+    hub_model_id: Optional[str] = None
+    debug_exit_after_step: Optional[int] = None  # tests: hard-exit (like a kill) after this global step
+
+    # --- system ---
+    architecture: str = "both"  # "merits-l" | "mister-e" | "both" (each system trained in OUT/<architecture>)
+    stages: Optional[list] = None  # default: utterance, context, fusion (merits-l) / utterance, moe (mister-e)
+    joint_context_fusion: bool = False  # merits-l ablation: train stages II and III jointly
+    modalities: list = field(default_factory=lambda: list(MODALITIES))
+    model: dict = field(default_factory=dict)  # MeritsConfig hyperparameters (ablation switches, sizes)
+
+    # --- data ---
+    dataset: str = "demo"  # demo | meld | mosi | iemocap | emodb | msp_podcast | pseudo_labels | features
+    data_dir: Optional[str] = None
+    dataset_options: dict = field(default_factory=dict)  # keyword arguments of the dataset loader
+    train_features: Optional[str] = None  # feature datasets (api.md section 5): stages II/III or the MoE only
+    validation_features: Optional[str] = None
+    test_features: Optional[str] = None
+    max_train_dialogues: Optional[int] = None  # quick runs: keep the first N conversations of each split
+    max_eval_dialogues: Optional[int] = None
+    cache_dir: Optional[str] = None  # embedding cache (default OUT/cache)
+
+    # --- text utterance encoder ---
+    text_model_name_or_path: Optional[str] = None  # pretrained backbone (e.g. roberta-large), local path or hub id
+    text_config: Optional[dict] = None  # backbone config for an encoder trained from scratch
+    tokenizer_name_or_path: Optional[str] = None
+    train_tokenizer: bool = False  # train a tokenizer on the training transcripts (from-scratch encoders)
+    tokenizer_vocab_size: int = 4000
+    max_text_length: int = 128
+    text_encoder_init: Optional[str] = None  # stage 0 output (Hub folder): initialise the text encoder from it
+    use_lora: bool = False  # LoRA (peft) on the text backbone; merged before saving
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_target_modules: Optional[list] = None
+
+    # --- speech utterance encoder ---
+    audio_model_name_or_path: Optional[str] = None  # pretrained frozen speech backbone (e.g. a WavLM/CARE folder)
+    audio_config: Optional[dict] = None  # speech backbone config (random init; tests)
+    audio_features: Optional[str] = "acoustic"  # "acoustic": speech head on MeritsAcousticFeatureExtractor statistics
+
+    # --- stages ---
+    pretrain: StageArguments = field(default_factory=lambda: _stage(num_epochs=10, learning_rate=2e-5, warmup_ratio=0.1))
+    utterance: StageArguments = field(default_factory=StageArguments)
+    context: StageArguments = field(default_factory=StageArguments)
+    fusion: StageArguments = field(default_factory=StageArguments)
+    moe: StageArguments = field(
+        default_factory=lambda: _stage(num_epochs=100, learning_rate=1e-5, batch_size=8, optimizer="adam", weight_decay=0.0)
+    )
+
+    # ------------------------------------------------------------------
+    def architectures(self) -> list[str]:
+        return list(ARCHITECTURES) if self.architecture == "both" else [self.architecture]
+
+    def stages_for(self, architecture: str) -> list[str]:
+        """The stages trained for ``architecture``, in order."""
+        if self.stages:
+            return list(self.stages)
+        if self.dataset == "pseudo_labels":
+            return ["pretrain"]
+        features_only = self.train_features is not None
+        if architecture == "mister-e":
+            return ["moe"] if features_only else ["utterance", "moe"]
+        later = ["context+fusion"] if self.joint_context_fusion else ["context", "fusion"]
+        if len(self.modalities) < 2:
+            later = ["context"]
+        return later if features_only else ["utterance"] + later
+
+    def stage_arguments(self, stage: str) -> StageArguments:
+        if stage in ("context+fusion",):
+            return self.context
+        return getattr(self, stage)
+
+    def validate(self) -> "TrainingArguments":
+        where = self.config or "command line"
+        if self.architecture not in ARCHITECTURES + ("both",):
+            raise ConfigError(f"{where}: architecture must be one of {ARCHITECTURES + ('both',)}, got {self.architecture!r}")
+        for modality in self.modalities:
+            if modality not in MODALITIES:
+                raise ConfigError(f"{where}: modalities: unknown modality {modality!r}; expected {MODALITIES}")
+        if not self.modalities:
+            raise ConfigError(f"{where}: modalities is empty")
+        for stage in self.stages or []:
+            if stage not in STAGE_NAMES:
+                raise ConfigError(f"{where}: stages: unknown stage {stage!r}; expected some of {STAGE_NAMES}")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ConfigError(f"{where}: mixed_precision must be 'no' or 'bf16' (fp16 needs a GPU), got {self.mixed_precision!r}")
+        if self.train_features is not None and self.validation_features is None:
+            raise ConfigError(f"{where}: --train_features needs --validation_features (model selection uses validation only)")
+        if self.train_features is not None and self.architecture == "both":
+            raise ConfigError(f"{where}: feature-only training needs --architecture merits-l or mister-e")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ConfigError(f"{where}: --push_to_hub needs --hub_model_id")
+        if self.checkpointing_steps <= 0:
+            raise ConfigError(f"{where}: checkpointing_steps must be positive")
+        for name in ("pretrain", "utterance", "context", "fusion", "moe"):
+            stage = getattr(self, name)
+            if stage.batch_size <= 0 or stage.num_epochs <= 0 or stage.gradient_accumulation_steps <= 0:
+                raise ConfigError(f"{where}: {name}: batch_size, num_epochs and gradient_accumulation_steps must be positive")
+            if stage.optimizer not in ("adam", "adamw"):
+                raise ConfigError(f"{where}: {name}.optimizer must be 'adam' or 'adamw', got {stage.optimizer!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and overriding
+# ----------------------------------------------------------------------------------------------
+_PATH_KEYS = (
+    "output_dir",
+    "data_dir",
+    "train_features",
+    "validation_features",
+    "test_features",
+    "cache_dir",
+    "text_encoder_init",
+    "tokenizer_name_or_path",
+    "text_model_name_or_path",
+    "audio_model_name_or_path",
+)
+
+
+def resolve_path(value: str | None, base: Path = REPO_ROOT) -> str | None:
+    """A config path: ``../shared/data`` honours ``MERITS_SHARED_DATA``; other relative paths are taken from ``base``."""
+    if value is None:
+        return None
+    text = str(value)
+    shared = os.environ.get("MERITS_SHARED_DATA")
+    if shared and (text == SHARED_DATA_PREFIX or text.startswith(SHARED_DATA_PREFIX + "/")):
+        return str(Path(shared) / text[len(SHARED_DATA_PREFIX) + 1 :]) if text != SHARED_DATA_PREFIX else shared
+    path = Path(text).expanduser()
+    if path.is_absolute():
+        return str(path)
+    candidate = (base / path).resolve()
+    return str(candidate)
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _strip_optional(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp, key: str, source: str) -> Any:
+    """Convert ``value`` (from YAML or a CLI string) to the field type ``tp``."""
+    tp, optional = _strip_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "~")):
+        if optional or tp in (dict, list):
+            return None
+        raise ConfigError(f"{source}: {key} may not be empty")
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+                return False
+            raise ValueError("not a boolean")
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError("a boolean is not an integer")
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("not an integer")
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+        if tp in (list,) or typing.get_origin(tp) is list:
+            if isinstance(value, str):
+                parsed = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+                value = parsed
+            if not isinstance(value, list):
+                raise ValueError("not a list")
+            return list(value)
+        if tp is dict:
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if not isinstance(value, dict):
+                raise ValueError("not a mapping")
+            return dict(value)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{source}: {key}: cannot read {value!r} as {getattr(tp, '__name__', tp)} ({error})") from None
+    return value
+
+
+def _apply(args: TrainingArguments, key: str, value: Any, source: str, base: Path) -> None:
+    types_ = _field_types(TrainingArguments)
+    head, _, rest = key.partition(".")
+    if head not in types_:
+        raise ConfigError(f"{source}: unknown option {key!r}")
+    tp = types_[head]
+    if tp is StageArguments:
+        stage: StageArguments = getattr(args, head)
+        if not rest:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {head} must be a mapping of stage settings")
+            for sub_key, sub_value in value.items():
+                _apply(args, f"{head}.{sub_key}", sub_value, source, base)
+            return
+        stage_types = _field_types(StageArguments)
+        if rest not in stage_types:
+            raise ConfigError(f"{source}: unknown option {key!r} (stage settings: {sorted(stage_types)})")
+        setattr(stage, rest, _coerce(value, stage_types[rest], key, source))
+        return
+    if rest:
+        if _strip_optional(tp)[0] is not dict:
+            raise ConfigError(f"{source}: {head!r} has no sub-option {rest!r}")
+        current = dict(getattr(args, head) or {})
+        current[rest] = yaml.safe_load(value) if isinstance(value, str) else value
+        setattr(args, head, current)
+        return
+    value = _coerce(value, tp, key, source)
+    if head in _PATH_KEYS and value is not None:
+        value = resolve_path(value, base)
+    setattr(args, head, value)
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: configuration file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of options at the top level")
+    return data
+
+
+def parse_cli(argv: list[str]) -> list[tuple[str, Any]]:
+    """``--key value`` / ``--key=value`` / ``--flag`` pairs in order (values stay strings)."""
+    bool_keys = {name for name, tp in _field_types(TrainingArguments).items() if tp is bool}
+    pairs: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--"):
+            raise ConfigError(f"command line: expected --option, got {token!r}")
+        key = token[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+            i += 2
+        elif key in bool_keys:
+            value = True
+            i += 1
+        else:
+            raise ConfigError(f"command line: --{key} needs a value")
+        if key in ("help", "h"):
+            raise ConfigError(usage())
+        pairs.append((key.replace("-", "_") if "." not in key else key, value))
+    return pairs
+
+
+def parse_args(argv: list[str] | None = None, default_config: Path | None = DEFAULT_CONFIG) -> TrainingArguments:
+    """Build :class:`TrainingArguments` from ``--config FILE`` (or ``default_config`` when none is given) and overrides.
+
+    The feature-only form (``--train_features``) and an explicit ``--config`` never read the default file.
+    """
+    argv = list(argv or [])
+    pairs = parse_cli(argv)
+    keys = {k for k, _ in pairs}
+    config_path = dict(pairs).get("config")
+    if config_path is None and default_config is not None and "train_features" not in keys and Path(default_config).is_file():
+        config_path = str(default_config)
+    args = TrainingArguments()
+    if config_path is not None:
+        config_file = Path(config_path)
+        if not config_file.is_absolute() and not config_file.is_file():
+            config_file = REPO_ROOT / config_file
+        args.config = str(config_file)
+        for key, value in load_yaml(config_file).items():
+            _apply(args, str(key), value, str(config_file), REPO_ROOT)
+        if "output_dir" not in keys and "output_dir" not in load_yaml(config_file):
+            args.output_dir = str(Path("outputs") / config_file.stem)
+    for key, value in pairs:
+        if key == "config":
+            continue
+        _apply(args, key, value, f"--{key}", Path.cwd())
+    return args.validate()
+
+
+def usage() -> str:
+    names = sorted(_field_types(TrainingArguments))
+    stage_names = sorted(_field_types(StageArguments))
+    return (
+        "usage: train.py [--config FILE] [--KEY VALUE ...]\n"
+        "  With no arguments: configs/demo.yaml (both systems on the built-in demo corpus).\n"
+        "  Options: " + ", ".join(names) + "\n"
+        "  Stage options (--<stage>.<option>, stage in pretrain/utterance/context/fusion/moe): " + ", ".join(stage_names)
+    )

@@ -1,0 +1,383 @@
+"""The one training loop every stage of both systems runs (Accelerate: DDP, accumulation, bf16, resume).
+
+A stage is described by a :class:`StagePlan`: the model stage name (``model.freeze_for_stage`` /
+``forward(stage=...)``), the datasets (lists of items) and collate function, and the prediction
+:class:`Head`\\ s that are scored on validation. Each head names the modules whose weights are kept
+at *its* best validation weighted F1 (per-head model selection: stage I keeps the text encoder of the
+best text epoch and the speech head of the best speech epoch, exactly as if they were trained apart).
+
+:func:`run_stage` then
+
+1. freezes everything but the stage's modules and wraps the model, optimizer, scheduler and data with
+   a fresh :class:`accelerate.Accelerator` (one per stage: the trainable parameters change, so does DDP),
+2. resumes from the stage's newest ``save_state`` checkpoint when there is one,
+3. trains epoch by epoch (gradient accumulation, clipping, NaN/inf loss guard naming the step,
+   ``save_state`` every ``checkpointing_steps`` updates and at each epoch end, tensorboard logs, tqdm),
+4. evaluates every head on validation after each epoch and stores the selected weights,
+5. loads the selected weights, evaluates validation and test once, writes ``result.json``.
+
+Validation alone selects; the test split is scored once, with the selected model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+
+from ..metrics import compute_erc_metrics
+from .arguments import StageArguments
+from .checkpointing import StageCheckpoints, TrainerState
+
+
+logger = logging.getLogger("merits.training")
+
+IGNORE_INDEX = -100
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names the stage, epoch and step."""
+
+
+@dataclass
+class Head:
+    """A prediction head scored on validation.
+
+    Args:
+        key: its part of the result keys (``"text"``, ``"audio"``, ``"speech_expert"``, or ``""`` for the
+            stage's own output, e.g. fusion).
+        logits: the attribute of the model output holding ``[B, T, C]`` logits, or ``"expert_logits:<i>"``.
+        mask: batch key (``"text_mask"`` / ``"audio_mask"``) restricting the scored turns, if any.
+        modules: names of the model's submodules (``"text_encoder"``, ...) whose weights are selected at this
+            head's best validation weighted F1. Empty: the head is reported but selects nothing.
+    """
+
+    key: str
+    logits: str
+    mask: str | None = None
+    modules: tuple = ()
+
+
+@dataclass
+class StagePlan:
+    stage: str  # the model's stage name
+    tag: str  # result-key name: "stage0", "stage1", "stage2", "stage3", "stage2+3", "moe"
+    heads: list
+    train: Sequence
+    validation: Sequence
+    test: Sequence | None
+    collate_fn: Callable
+    arguments: StageArguments
+    label_names: list = field(default_factory=list)
+
+
+class EpochShuffleSampler(Sampler):
+    """A permutation of ``range(n)`` fixed by ``seed + epoch``: a resumed run sees the same order."""
+
+    def __init__(self, num_items: int, seed: int):
+        self.num_items = num_items
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_items, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_items
+
+
+def _logits(output, spec: str) -> torch.Tensor | None:
+    if spec.startswith("expert_logits:"):
+        experts = getattr(output, "expert_logits", None)
+        index = int(spec.split(":", 1)[1])
+        return None if experts is None else experts[index]
+    return getattr(output, spec, None)
+
+
+def build_optimizer(params, arguments: StageArguments) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise RuntimeError("the stage has no trainable parameter (check freeze_for_stage and the modalities)")
+    kwargs = dict(lr=arguments.learning_rate, betas=(arguments.adam_beta1, arguments.adam_beta2), eps=arguments.adam_epsilon)
+    if arguments.optimizer == "adam":
+        return torch.optim.Adam(params, weight_decay=arguments.weight_decay, **kwargs)
+    return torch.optim.AdamW(params, weight_decay=arguments.weight_decay, **kwargs)
+
+
+def build_scheduler(optimizer, arguments: StageArguments, total_steps: int):
+    """Constant learning rate (the papers), or linear warm-up then linear decay when ``warmup_ratio > 0``."""
+    warmup = int(math.ceil(arguments.warmup_ratio * total_steps))
+    if warmup <= 0:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def module_state(model: torch.nn.Module, modules: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The state-dict entries of the named submodules."""
+    prefixes = tuple(f"{name}." for name in modules)
+    return {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
+
+
+def evaluate_heads(accelerator: Accelerator, model, loader, plan: StagePlan, heads: Sequence[Head] | None = None):
+    """Predictions of every head over ``loader`` (gathered over processes): ``{key: (preds, refs)}`` as 1-D tensors."""
+    heads = list(heads if heads is not None else plan.heads)
+    collected: dict[str, list] = {head.key: [] for head in heads}
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            output = model(**batch, stage=plan.stage)
+            labels = batch["labels"]
+            for head in heads:
+                logits = _logits(output, head.logits)
+                if logits is None:
+                    raise RuntimeError(f"stage {plan.stage!r}: the model output has no {head.logits!r} for head {head.key!r}")
+                predictions = logits.argmax(dim=-1)
+                references = labels.clone()
+                if head.mask is not None and head.mask in batch:
+                    references[batch[head.mask] == 0] = IGNORE_INDEX
+                predictions = accelerator.pad_across_processes(predictions, dim=1, pad_index=IGNORE_INDEX)
+                references = accelerator.pad_across_processes(references, dim=1, pad_index=IGNORE_INDEX)
+                predictions, references = accelerator.gather_for_metrics((predictions, references))
+                keep = references.reshape(-1) != IGNORE_INDEX
+                collected[head.key].append((predictions.reshape(-1)[keep].cpu(), references.reshape(-1)[keep].cpu()))
+    model.train()
+    result = {}
+    for key, parts in collected.items():
+        if parts:
+            result[key] = (torch.cat([p for p, _ in parts]), torch.cat([r for _, r in parts]))
+        else:
+            result[key] = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    return result
+
+
+def score(predictions: dict, label_names: Sequence[str]) -> dict[str, dict]:
+    """``{key: erc metrics}`` for every head that has scored turns."""
+    scores = {}
+    for key, (preds, refs) in predictions.items():
+        if refs.numel() == 0:
+            continue
+        scores[key] = compute_erc_metrics(preds.tolist(), refs.tolist(), label_names=label_names)
+    return scores
+
+
+def result_key(split: str, tag: str, head_key: str, metric: str) -> str:
+    """Flat result key: ``validation_stage2_text_weighted_f1``; the final head of the run has no tag."""
+    parts = [split, tag, head_key, metric]
+    return "_".join(p for p in parts if p)
+
+
+def make_accelerator(run_args, arguments: StageArguments, run_dir: Path) -> Accelerator:
+    """A fresh Accelerator for one stage (gloo DDP on CPU under torchrun, bf16 autocast when asked)."""
+    log_with = None if run_args.report_to == "none" else run_args.report_to
+    return Accelerator(
+        gradient_accumulation_steps=arguments.gradient_accumulation_steps,
+        mixed_precision=run_args.mixed_precision,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+
+
+def run_stage(model: torch.nn.Module, plan: StagePlan, run_args, run_dir: Path, progress: bool = True):
+    """Train ``plan`` (or load its finished result), leave the selected weights in ``model``.
+
+    Returns ``(results, predictions)``: flat metrics (validation and test, this stage's keys) and the
+    validation/test predictions per head (for confusion matrices).
+    """
+    from tqdm.auto import tqdm
+
+    arguments = plan.arguments
+    checkpoints = StageCheckpoints(run_dir, plan.tag)
+    accelerator = make_accelerator(run_args, arguments, run_dir)
+    selecting = [head for head in plan.heads if head.modules]
+
+    if checkpoints.is_done():
+        accelerator.wait_for_everyone()
+        for head in selecting:
+            model.load_state_dict(checkpoints.load_best(head.key), strict=False)
+        accelerator.print(f"[{plan.tag}] finished earlier: loaded its selected weights from {checkpoints.stage_dir}")
+        return checkpoints.read_result(), None
+
+    for name, split in (("train", plan.train), ("validation", plan.validation)):
+        if split is None or len(split) == 0:
+            raise ValueError(f"stage {plan.tag}: the {name} split is empty")
+
+    set_seed(run_args.seed)
+    model.freeze_for_stage(plan.stage)
+    model.train()
+
+    processes = accelerator.num_processes
+    per_device = max(1, arguments.batch_size // (processes * arguments.gradient_accumulation_steps))
+    if per_device * processes * arguments.gradient_accumulation_steps != arguments.batch_size:
+        accelerator.print(
+            f"[{plan.tag}] batch_size {arguments.batch_size} is not a multiple of {processes} processes x "
+            f"{arguments.gradient_accumulation_steps} accumulation steps: using {per_device} per process"
+        )
+    sampler = EpochShuffleSampler(len(plan.train), run_args.seed)
+    # Every loader gets its own generator: creating an iterator must not draw from the global torch RNG
+    # (dropout's), or a run resumed mid-epoch would see other dropout masks than an unbroken one.
+    train_loader = DataLoader(
+        plan.train, batch_size=per_device, sampler=sampler, collate_fn=plan.collate_fn, generator=torch.Generator()
+    )
+    eval_batch = max(per_device, 8)
+    validation_loader = DataLoader(
+        plan.validation, batch_size=eval_batch, shuffle=False, collate_fn=plan.collate_fn, generator=torch.Generator()
+    )
+    test_loader = (
+        DataLoader(plan.test, batch_size=eval_batch, shuffle=False, collate_fn=plan.collate_fn, generator=torch.Generator())
+        if plan.test
+        else None
+    )
+
+    updates_per_epoch = math.ceil(math.ceil(len(plan.train) / (per_device * processes)) / arguments.gradient_accumulation_steps)
+    total_updates = updates_per_epoch * arguments.num_epochs
+    optimizer = build_optimizer(model.parameters(), arguments)
+    scheduler = build_scheduler(optimizer, arguments, total_updates)
+
+    wrapped, optimizer, train_loader, validation_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, validation_loader, scheduler
+    )
+    if test_loader is not None:
+        test_loader = accelerator.prepare(test_loader)
+    state = TrainerState()
+    accelerator.register_for_checkpointing(state)
+    if checkpoints.load_latest(accelerator):
+        accelerator.print(
+            f"[{plan.tag}] resumed from {checkpoints.latest()} (epoch {state.epoch}, step {state.global_step})"
+        )
+    if accelerator.trackers == [] and run_args.report_to != "none":
+        accelerator.init_trackers(plan.tag.replace("+", "_"))
+
+    bar = tqdm(
+        total=total_updates,
+        initial=state.global_step,
+        desc=f"{run_dir.name}/{plan.tag}",
+        disable=not (progress and accelerator.is_local_main_process),
+        dynamic_ncols=True,
+    )
+    running_loss, running_count = 0.0, 0
+    stop = False
+    while state.epoch < arguments.num_epochs and not stop:
+        train_loader.set_epoch(state.epoch)
+        loader = train_loader
+        if state.step_in_epoch > 0:
+            loader = accelerator.skip_first_batches(train_loader, state.step_in_epoch)
+        for batch in loader:
+            with accelerator.accumulate(wrapped):
+                output = wrapped(**batch, stage=plan.stage)
+                loss = output.loss
+                finite = torch.isfinite(loss.detach()).float()
+                if accelerator.gather(finite.reshape(1)).min() < 1:
+                    raise NonFiniteLossError(
+                        f"stage {plan.tag}: the training loss became {loss.item()} at epoch {state.epoch}, "
+                        f"batch {state.step_in_epoch}, optimizer step {state.global_step + 1}; lower the learning "
+                        "rate or check the inputs for NaN/inf"
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and arguments.max_grad_norm:
+                    accelerator.clip_grad_norm_(wrapped.parameters(), arguments.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            state.step_in_epoch += 1
+            running_loss += loss.detach().float().item()
+            running_count += 1
+            if not accelerator.sync_gradients:
+                continue
+            state.global_step += 1
+            bar.update(1)
+            if state.global_step % run_args.logging_steps == 0 and running_count:
+                mean_loss = running_loss / running_count
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+                log = {f"{plan.tag}/train_loss": mean_loss, f"{plan.tag}/learning_rate": scheduler.get_last_lr()[0]}
+                for name, value in (getattr(output, "loss_terms", None) or {}).items():
+                    log[f"{plan.tag}/train_{name}"] = float(value)
+                accelerator.log(log, step=state.global_step)
+                running_loss, running_count = 0.0, 0
+            if state.global_step % run_args.checkpointing_steps == 0:
+                checkpoints.save(accelerator, state.global_step)
+            if run_args.debug_exit_after_step is not None and state.global_step >= run_args.debug_exit_after_step:
+                accelerator.print(f"[{plan.tag}] debug_exit_after_step={run_args.debug_exit_after_step}: exiting hard")
+                os._exit(17)
+
+        # ---- end of epoch: validation and model selection ----
+        scores = score(evaluate_heads(accelerator, wrapped, validation_loader, plan), plan.label_names)
+        improved_any = False
+        entry = {"epoch": state.epoch, "step": state.global_step}
+        for head in plan.heads:
+            if head.key not in scores:
+                continue
+            wf1 = scores[head.key]["weighted_f1"]
+            entry[f"validation_{head.key or 'final'}_weighted_f1"] = wf1
+            accelerator.log({f"{plan.tag}/validation_{head.key or 'final'}_weighted_f1": wf1}, step=state.global_step)
+            if head.modules and wf1 > state.best.get(head.key, -1.0):
+                state.best[head.key] = wf1
+                state.best_epoch[head.key] = state.epoch
+                state.best_metrics[head.key] = scores[head.key]
+                improved_any = True
+                if accelerator.is_main_process:
+                    checkpoints.save_best(module_state(accelerator.unwrap_model(wrapped), head.modules), head.key)
+        missing = [head.key or "final" for head in selecting if head.key not in scores]
+        if missing:
+            raise ValueError(
+                f"stage {plan.tag}: the validation split has no labelled turn for {missing}; cannot select a model"
+            )
+        state.history.append(entry)
+        accelerator.print(
+            f"[{plan.tag}] epoch {state.epoch + 1}/{arguments.num_epochs}: "
+            + ", ".join(f"{k.replace('validation_', 'val ')}={v:.4f}" for k, v in entry.items() if k.startswith("validation_"))
+        )
+        state.bad_epochs = 0 if improved_any else state.bad_epochs + 1
+        state.epoch += 1
+        state.step_in_epoch = 0
+        state.epochs_done += 1
+        if arguments.early_stopping_patience is not None and state.bad_epochs >= arguments.early_stopping_patience:
+            accelerator.print(f"[{plan.tag}] early stopping: no better validation wF1 for {state.bad_epochs} epochs")
+            stop = True
+        checkpoints.save(accelerator, state.global_step)
+    bar.close()
+
+    # ---- the selected model: load it, score validation and test once ----
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(wrapped)
+    for head in selecting:
+        model.load_state_dict(checkpoints.load_best(head.key), strict=False)
+    results: dict = {}
+    predictions = {}
+    for split, loader in (("validation", validation_loader), ("test", test_loader)):
+        if loader is None:
+            continue
+        split_predictions = evaluate_heads(accelerator, wrapped, loader, plan)
+        predictions[split] = split_predictions
+        for key, metrics in score(split_predictions, plan.label_names).items():
+            for metric, value in metrics.items():
+                results[result_key(split, plan.tag, key, metric)] = value
+    for head in selecting:
+        results[result_key("", plan.tag, head.key, "best_epoch")] = state.best_epoch.get(head.key, -1) + 1
+    results[result_key("", plan.tag, "", "epochs")] = state.epochs_done
+    if accelerator.is_main_process:
+        checkpoints.write_result(results)
+    accelerator.end_training()
+    checkpoints.remove_checkpoints(accelerator)
+    model.freeze_for_stage(plan.stage)  # leave requires_grad as the stage set it; callers refreeze per stage
+    model.eval()
+    return results, predictions
