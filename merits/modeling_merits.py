@@ -27,7 +27,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -379,6 +378,160 @@ class MeritsSpeechEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Turn plan and GRU recurrence (the training hot path on cached embeddings)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class MeritsTurnPlan:
+    """Index bookkeeping of one batch's real turns, computed once per forward and shared by every module.
+
+    Row-major real rows: row i is (conversation `batch_index[i]`, turn `turn_index[i]`), i < N = turn_mask.sum().
+    For the GRUs the conversations are sorted by length (longest first, like `pack_padded_sequence`); time-major
+    slot `t * B + rank[b]` holds turn t of conversation b, and `batch_sizes[t]` conversations are still running at
+    step t. `forward_slots` / `reverse_slots` [N] give each real row's slot in the forward and in the per-conversation
+    reversed (backward-direction) order; `forward_rows` / `reverse_rows` [T * B] are the inverse maps (0 at padding).
+    `conv_positions` [N] place the rows in one long sequence with `gap` zeros around every conversation, so one
+    convolution over it equals a zero-padded convolution of each conversation alone.
+    """
+
+    def __init__(self, turn_mask: torch.Tensor, gap: int = 0):
+        turn_mask = turn_mask.bool()
+        device = turn_mask.device
+        self.turn_mask = turn_mask
+        self.batch_size, self.total_turns = turn_mask.shape
+        lengths = turn_mask.sum(1)
+        self.lengths = lengths
+        self.num_real = int(lengths.sum())
+        self.max_length = int(lengths.max()) if self.batch_size else 0
+        self.batch_index, self.turn_index = turn_mask.nonzero(as_tuple=True)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=device)
+        steps = torch.arange(self.max_length, device=device)
+        self.batch_sizes = (lengths.unsqueeze(0) > steps.unsqueeze(1)).sum(1).tolist()
+        row_rank = rank[self.batch_index]
+        row_length = lengths[self.batch_index]
+        self.forward_slots = self.turn_index * self.batch_size + row_rank
+        self.reverse_slots = (row_length - 1 - self.turn_index) * self.batch_size + row_rank
+        rows = torch.arange(self.num_real, device=device)
+        num_slots = self.max_length * self.batch_size
+        self.forward_rows = torch.zeros(num_slots, dtype=torch.long, device=device).index_copy_(0, self.forward_slots, rows)
+        self.reverse_rows = torch.zeros(num_slots, dtype=torch.long, device=device).index_copy_(0, self.reverse_slots, rows)
+        self.gap = int(gap)
+        starts = torch.cumsum(lengths + self.gap, 0) - lengths  # each conversation preceded by `gap` zeros
+        self.conv_positions = starts[self.batch_index] + self.turn_index
+        self.conv_length = int(lengths.sum()) + (self.batch_size + 1) * self.gap
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] -> [N, ...] rows of the real turns."""
+        return x[self.batch_index, self.turn_index]
+
+    def scatter(self, rows: torch.Tensor) -> torch.Tensor:
+        """[N, ...] -> [B, T, ...] with zeros at padded turns."""
+        out = rows.new_zeros(self.batch_size, self.total_turns, *rows.shape[1:])
+        out[self.batch_index, self.turn_index] = rows
+        return out
+
+
+class MeritsGRURecurrence(torch.autograd.Function):
+    """The recurrent half of a (multi-direction) GRU layer over time-major, length-sorted sequences.
+
+    Inputs: `input_gates` [D, T, B, 3H] (x W_ih^T + b_ih, precomputed for all steps in one matrix product),
+    `weight_hh` [D, 3H, H], `bias_hh` [D, 3H], `batch_sizes` (running sequences per step, non-increasing).
+    Output [D, T, B, H] (zero where a sequence has ended). Equations of `torch.nn.GRU`:
+    r = σ(i_r + h W_hr + b_hr), z = σ(i_z + h W_hz + b_hz), n = tanh(i_n + r (h W_hn + b_hn)), h' = (1 - z) n + z h.
+
+    The backward is written out through time so that the weight gradient is ONE matrix product over all steps
+    (autograd through a cell loop would accumulate a full [3H, H] gradient at every step).
+    """
+
+    @staticmethod
+    def forward(ctx, input_gates, weight_hh, bias_hh, batch_sizes):
+        num_dirs, steps, batch, three_hidden = input_gates.shape
+        hidden = three_hidden // 3
+        weight_t = weight_hh.to(input_gates.dtype).transpose(1, 2)  # [D, H, 3H]
+        bias = bias_hh.to(input_gates.dtype).unsqueeze(1)  # [D, 1, 3H]
+        outputs = input_gates.new_zeros(num_dirs, steps, batch, hidden)
+        gates = input_gates.new_zeros(num_dirs, steps, batch, 4 * hidden)  # r, z, n, (h W_hn + b_hn)
+        h = input_gates.new_zeros(num_dirs, batch, hidden)
+        for t, size in enumerate(batch_sizes):
+            h_prev = h[:, :size]
+            hidden_gates = torch.baddbmm(bias, h_prev, weight_t)  # [D, size, 3H]
+            i_r, i_z, i_n = input_gates[:, t, :size].chunk(3, dim=-1)
+            h_r, h_z, h_n = hidden_gates.chunk(3, dim=-1)
+            r = torch.sigmoid(i_r + h_r)
+            z = torch.sigmoid(i_z + h_z)
+            n = torch.tanh(i_n + r * h_n)
+            h_new = n + z * (h_prev - n)
+            outputs[:, t, :size] = h_new
+            gates[:, t, :size] = torch.cat([r, z, n, h_n], dim=-1)
+            h[:, :size] = h_new  # rows past `size` have ended: their state is never read again
+        ctx.save_for_backward(weight_hh, bias_hh, outputs, gates)
+        ctx.batch_sizes = list(batch_sizes)
+        ctx.input_dtype = input_gates.dtype
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_outputs):
+        weight_hh, bias_hh, outputs, gates = ctx.saved_tensors
+        num_dirs, steps, batch, hidden = outputs.shape
+        weight = weight_hh.to(outputs.dtype)  # [D, 3H, H]
+        grad_outputs = grad_outputs.to(outputs.dtype)
+        grad_hidden_gates = outputs.new_zeros(num_dirs, steps, batch, 3 * hidden)  # d(h W_hh^T + b_hh)
+        grad_input_gates = outputs.new_zeros(num_dirs, steps, batch, 3 * hidden)
+        grad_h = outputs.new_zeros(num_dirs, batch, hidden)
+        for t in range(len(ctx.batch_sizes) - 1, -1, -1):
+            size = ctx.batch_sizes[t]
+            d_h = grad_outputs[:, t, :size] + grad_h[:, :size]
+            r, z, n, h_n = gates[:, t, :size].chunk(4, dim=-1)
+            h_prev = outputs[:, t - 1, :size] if t > 0 else torch.zeros_like(d_h)
+            d_n = d_h * (1 - z) * (1 - n * n)
+            d_z = d_h * (h_prev - n) * z * (1 - z)
+            d_r = d_n * h_n * r * (1 - r)
+            grad_input_gates[:, t, :size] = torch.cat([d_r, d_z, d_n], dim=-1)
+            d_hidden = torch.cat([d_r, d_z, d_n * r], dim=-1)
+            grad_hidden_gates[:, t, :size] = d_hidden
+            grad_h[:, :size] = d_h * z + torch.bmm(d_hidden, weight)
+        previous = torch.cat([outputs.new_zeros(num_dirs, 1, batch, hidden), outputs[:, :-1]], dim=1)
+        flat_grad = grad_hidden_gates.reshape(num_dirs, steps * batch, 3 * hidden)
+        grad_weight = torch.bmm(flat_grad.transpose(1, 2), previous.reshape(num_dirs, steps * batch, hidden))
+        grad_bias = flat_grad.sum(1)
+        return (grad_input_gates.to(ctx.input_dtype), grad_weight.to(weight_hh.dtype), grad_bias.to(bias_hh.dtype),
+                None)
+
+
+def run_packed_gru(gru: nn.GRU, rows: torch.Tensor, plan: MeritsTurnPlan) -> torch.Tensor:
+    """`gru` (batch-first, no inter-layer dropout) over the real turns only, using its own parameters.
+
+    rows [N, D_in] (row-major real turns) -> [N, num_directions * H]; equals `gru` on the packed sequences.
+    Each layer's input projection is one matrix product over the N real rows; only the recurrence loops over time.
+    """
+    if gru.dropout and gru.training and gru.num_layers > 1:
+        raise ValueError("run_packed_gru does not implement inter-layer GRU dropout.")
+    if plan.num_real == 0:
+        return rows.new_zeros(0, gru.hidden_size * (2 if gru.bidirectional else 1))
+    directions = [("", plan.forward_slots, plan.forward_rows)]
+    if gru.bidirectional:
+        directions.append(("_reverse", plan.reverse_slots, plan.reverse_rows))
+    steps, batch = plan.max_length, plan.batch_size
+    x = rows
+    for layer in range(gru.num_layers):
+        input_gates, weights, biases = [], [], []
+        for suffix, _, slot_rows in directions:
+            gates = F.linear(x, getattr(gru, f"weight_ih_l{layer}{suffix}"), getattr(gru, f"bias_ih_l{layer}{suffix}"))
+            input_gates.append(gates[slot_rows].view(steps, batch, -1))  # time-major, length-sorted
+            weights.append(getattr(gru, f"weight_hh_l{layer}{suffix}"))
+            biases.append(getattr(gru, f"bias_hh_l{layer}{suffix}"))
+        outputs = MeritsGRURecurrence.apply(
+            torch.stack(input_gates), torch.stack(weights), torch.stack(biases), plan.batch_sizes
+        )  # [D, T, B, H]
+        x = torch.cat(
+            [outputs[d].reshape(steps * batch, -1)[slots] for d, (_, slots, _) in enumerate(directions)], dim=-1
+        )
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Context encoders (Stage II / MiSTER-E speech and text experts)
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -433,15 +586,6 @@ class MeritsContextEncoder(nn.Module):
         self.classifier = nn.Linear(self.output_size, config.num_labels)
 
     # ---- full conversation ------------------------------------------------------------------------------------
-    def _convolve(self, x):
-        """[B, T, D] -> sum of ReLU(conv_k) over the turn axis -> [B, T, channels]."""
-        u = x.transpose(1, 2)
-        out = 0
-        for kernel_size, conv in zip(self.kernel_sizes, self.convs):
-            inp = F.pad(u, (kernel_size - 1, 0)) if self.causal else u
-            out = out + torch.relu(conv(inp))
-        return out.transpose(1, 2)
-
     def _attend(self, gru_out, key_mask):
         """MERITS-L self-attention per direction half. `key_mask` [B, T] bool = turns that may be attended."""
         length = gru_out.shape[1]
@@ -456,23 +600,53 @@ class MeritsContextEncoder(nn.Module):
             outputs.append(masked_softmax(scores, allowed) @ p)
         return torch.cat(outputs, dim=-1)
 
-    def forward(self, x, turn_mask, key_mask=None):
+    @property
+    def conv_gap(self):
+        """Zeros needed around a conversation so that the convolutions see only its own turns."""
+        return max(self.kernel_sizes) - 1 if self.kind == "conv_bigru" else 0
+
+    def _convolve_rows(self, rows, plan):
+        """Real rows [N, D] -> sum of ReLU(conv_k) over each conversation's turn axis -> [N, channels].
+
+        The conversations are laid end to end in ONE sequence with `plan.gap` zeros around each, and only the N real
+        output positions are computed: each is one matrix product of its window of turns (im2col) with the kernel,
+        which equals `Conv1d` with zero padding (left-only when causal) applied to each conversation alone."""
+        if plan.gap < self.conv_gap:
+            raise ValueError(f"The turn plan has gap {plan.gap}, the convolutions need {self.conv_gap}.")
+        sequence = rows.new_zeros(plan.conv_length, rows.shape[-1])
+        sequence[plan.conv_positions] = rows
+        widest = max(self.kernel_sizes)
+        first = -(widest - 1) if self.causal else -(widest // 2)  # offset of the window's first turn
+        offsets = torch.arange(first, first + widest, device=rows.device)
+        windows = sequence[plan.conv_positions.unsqueeze(1) + offsets]  # [N, widest, D]
+        out = 0
+        for kernel_size, conv in zip(self.kernel_sizes, self.convs):
+            start = widest - kernel_size if self.causal else (widest - kernel_size) // 2
+            taps = windows[:, start : start + kernel_size].reshape(windows.shape[0], -1)  # [N, k * D], tap-major
+            weight = conv.weight.permute(0, 2, 1).reshape(conv.out_channels, -1)  # [C, k * D], tap-major
+            out = out + torch.relu(F.linear(taps, weight, conv.bias))
+        return out
+
+    def forward(self, x, turn_mask, key_mask=None, plan=None):
         """x [B, T, D], turn_mask [B, T] (real turns), key_mask [B, T] (turns that have this modality) ->
-        (features [B, T, 2H], logits [B, T, C]); both zero at padded turns."""
+        (features [B, T, 2H], logits [B, T, C]); both zero at padded turns.
+
+        Everything but the attention runs on the N real turns only (`plan`, a `MeritsTurnPlan` shared by the
+        modules of one forward; built here when not given)."""
         turn_mask = turn_mask.bool()
         key_mask = turn_mask if key_mask is None else key_mask.bool() & turn_mask
-        x = x * turn_mask.unsqueeze(-1).to(x.dtype)
-        gru_in = self._convolve(x) if self.kind == "conv_bigru" else x
-        lengths = turn_mask.sum(1).clamp(min=1).cpu()
-        packed = pack_padded_sequence(gru_in, lengths, batch_first=True, enforce_sorted=False)
-        gru_out, _ = self.gru(packed)
-        gru_out, _ = pad_packed_sequence(gru_out, batch_first=True, total_length=x.shape[1])
+        if plan is None:
+            plan = MeritsTurnPlan(turn_mask, gap=self.conv_gap)
+        rows = plan.gather(x)  # [N, D]
+        gru_in = self._convolve_rows(rows, plan) if self.kind == "conv_bigru" else rows
+        gru_out = run_packed_gru(self.gru, gru_in, plan)  # [N, 2H]
         if self.kind == "conv_bigru":
-            features = gru_out + self.skip(x)
-        else:
-            features = self._attend(gru_out, key_mask)
+            features = gru_out + self.skip(rows)
+            logits = self.classifier(self.dropout(features))
+            return plan.scatter(features), plan.scatter(logits)
+        features = self._attend(plan.scatter(gru_out), key_mask)
         features = features * turn_mask.unsqueeze(-1).to(features.dtype)
-        logits = self.classifier(self.dropout(features))
+        logits = self.classifier(self.dropout(features)) * turn_mask.unsqueeze(-1).to(features.dtype)
         return features, logits
 
     # ---- streaming (causal only) ------------------------------------------------------------------------------
@@ -640,29 +814,32 @@ class MeritsCoAttentionFusion(nn.Module):
         self.classifier = nn.Linear(config.fusion_head_hidden_size, config.num_labels)
 
     def _head(self, text_in, audio_in, text, audio):
+        """Works on any leading shape: [B, T, .] while streaming, [N, .] real rows in `forward`."""
         if self.text_skip is not None:
             text = text + self.text_skip(text_in)
             audio = audio + self.audio_skip(audio_in)
         logits = self.classifier(torch.relu(self.dense(self.layer_norm(torch.cat([text, audio], dim=-1)))))
         return logits, text, audio
 
-    def forward(self, text_inputs, audio_inputs, turn_mask, text_mask, audio_mask):
+    def forward(self, text_inputs, audio_inputs, turn_mask, text_mask, audio_mask, plan=None):
         turn_mask = turn_mask.bool()
         text_mask, audio_mask = text_mask.bool() & turn_mask, audio_mask.bool() & turn_mask
-        text_inputs = text_inputs * text_mask.unsqueeze(-1).to(text_inputs.dtype)
-        audio_inputs = audio_inputs * audio_mask.unsqueeze(-1).to(audio_inputs.dtype)
+        if plan is None:
+            plan = MeritsTurnPlan(turn_mask)
+        # the wide input projections, skips and head run on the N real turns only; the blocks on [B, T, d]
+        text_rows = plan.gather(text_inputs) * plan.gather(text_mask).unsqueeze(-1).to(text_inputs.dtype)
+        audio_rows = plan.gather(audio_inputs) * plan.gather(audio_mask).unsqueeze(-1).to(audio_inputs.dtype)
         length = turn_mask.shape[1]
         text_allowed = text_mask[:, None, :].expand(-1, length, -1)
         audio_allowed = audio_mask[:, None, :].expand(-1, length, -1)
         if self.causal:
             past = causal_mask(length, turn_mask.device)
             text_allowed, audio_allowed = text_allowed & past, audio_allowed & past
-        text, audio = self.text_projection(text_inputs), self.audio_projection(audio_inputs)
+        text, audio = plan.scatter(self.text_projection(text_rows)), plan.scatter(self.audio_projection(audio_rows))
         for block in self.blocks:
             text, audio = block(text, audio, text_allowed, audio_allowed)
-        logits, text, audio = self._head(text_inputs, audio_inputs, text, audio)
-        keep = turn_mask.unsqueeze(-1)
-        return logits * keep, text * keep, audio * keep
+        logits, text, audio = self._head(text_rows, audio_rows, plan.gather(text), plan.gather(audio))
+        return plan.scatter(logits), plan.scatter(text), plan.scatter(audio)
 
     def init_state(self, batch_size, device, dtype):
         empty = lambda: torch.zeros(batch_size, self.blocks[0].text_self_attention.num_heads, 0,  # noqa: E731
@@ -969,19 +1146,38 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
         t, a = text_mask.unsqueeze(-1).to(text_logits.dtype), audio_mask.unsqueeze(-1).to(audio_logits.dtype)
         return (t * text_logits + a * audio_logits) / (t + a).clamp(min=1.0)
 
-    def _prepare_masks(self, turn_mask, text_mask, audio_mask, text_embeds, audio_embeds):
+    def _prepare_masks(self, turn_mask, text_mask, audio_mask, text_embeds, audio_embeds, text_given=True,
+                       audio_given=True):
+        """Check `turn_mask` and build the boolean modality masks.
+
+        A modality mask defaults to `turn_mask` when that modality has inputs (`*_given`), and to all zeros when it
+        has none at all (a batch in which no turn has audio or text: the modality is absent everywhere, docs/design.md
+        §2). A mask that marks a turn as having a modality for which no input was given raises, naming the turn.
+        """
         if turn_mask is None:
             reference = text_embeds if text_embeds is not None else audio_embeds
             if reference is None:
                 raise ValueError("`turn_mask` [B, T] is required with flattened utterance inputs.")
             turn_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
         turn_mask = check_turn_mask(turn_mask)
-        text_mask = _default_modality_mask(text_mask, turn_mask, "text_mask") if self.config.has_text else None
-        audio_mask = _default_modality_mask(audio_mask, turn_mask, "audio_mask") if self.config.has_audio else None
-        if text_mask is None:
-            text_mask = torch.zeros_like(turn_mask)
-        if audio_mask is None:
-            audio_mask = torch.zeros_like(turn_mask)
+        masks = {}
+        for name, mask, has, given, inputs in (
+            ("text", text_mask, self.config.has_text, text_given, "`input_ids` or `text_embeds`"),
+            ("audio", audio_mask, self.config.has_audio, audio_given,
+             "`input_values`, `input_features`, `audio_features` or `audio_embeds`"),
+        ):
+            if not has or (not given and mask is None):
+                masks[name] = torch.zeros_like(turn_mask)
+                continue
+            mask = _default_modality_mask(mask, turn_mask, f"{name}_mask")
+            if not given and mask.any():
+                b, t = mask.nonzero()[0].tolist()
+                raise ValueError(
+                    f"`{name}_mask` says conversation {b}, turn {t} has {name}, but no {name} input was given: pass "
+                    f"{inputs}, or a `{name}_mask` of zeros for a batch without {name}."
+                )
+            masks[name] = mask
+        text_mask, audio_mask = masks["text"], masks["audio"]
         empty = turn_mask & ~text_mask & ~audio_mask
         if empty.any():
             b, t = empty.nonzero()[0].tolist()
@@ -990,6 +1186,11 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
                 f"(configured modalities: {'text ' if self.config.has_text else ''}{'audio' if self.config.has_audio else ''})."
             )
         return turn_mask, text_mask, audio_mask
+
+    def _absent_embeds(self, turn_mask, size, like=None):
+        """Zero utterance embeddings [B, T, size] for a modality absent from the whole batch."""
+        dtype = like.dtype if like is not None else next(self.parameters()).dtype
+        return torch.zeros(*turn_mask.shape, size, device=turn_mask.device, dtype=dtype)
 
     def _check_embeds(self, embeds, expected_dim, turn_mask, name):
         if embeds.dim() != 3 or tuple(embeds.shape[:2]) != tuple(turn_mask.shape):
@@ -1021,7 +1222,11 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
     ):
         config = self.config
         stage = config.check_stage(stage if stage is not None else config.stage)
-        turn_mask, text_mask, audio_mask = self._prepare_masks(turn_mask, text_mask, audio_mask, text_embeds, audio_embeds)
+        text_given = input_ids is not None or text_embeds is not None
+        audio_given = any(x is not None for x in (input_values, input_features, audio_features, audio_embeds))
+        turn_mask, text_mask, audio_mask = self._prepare_masks(
+            turn_mask, text_mask, audio_mask, text_embeds, audio_embeds, text_given, audio_given
+        )
         if labels is not None and tuple(labels.shape) != tuple(turn_mask.shape):
             raise ValueError(f"`labels` must be [B, T] = {tuple(turn_mask.shape)}, got {tuple(labels.shape)}.")
         out = {}
@@ -1060,10 +1265,12 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
                     terms["utterance_audio"] = self._classification_loss(utt_audio_logits, labels, audio_mask, stage)
             return self._finish(out, logits, labels, terms, sum(terms.values()) if terms else None, return_dict)
 
+        # A modality with no input at all in this batch is absent at every turn (its mask is all zeros): its branch
+        # runs on zeros and is masked out everywhere (no attention to it, gate weight 0, merits-l falls back).
         if config.has_text and text_embeds is None:
-            raise ValueError("This model uses text: pass `input_ids`/`attention_mask` or `text_embeds`.")
+            text_embeds = self._absent_embeds(turn_mask, config.text_embed_dim, audio_embeds)
         if config.has_audio and audio_embeds is None:
-            raise ValueError("This model uses speech: pass `input_values`, `input_features`, `audio_features` or `audio_embeds`.")
+            audio_embeds = self._absent_embeds(turn_mask, config.audio_embed_dim, text_embeds)
 
         if config.architecture == "merits-l":
             logits, loss = self._forward_merits_l(stage, text_embeds, audio_embeds, turn_mask, text_mask, audio_mask,
@@ -1073,13 +1280,19 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
                                                   out, terms)
         return self._finish(out, logits, labels, terms, loss, return_dict)
 
+    def _turn_plan(self, turn_mask):
+        """The `MeritsTurnPlan` shared by every module of one forward (packing, real rows, convolution layout)."""
+        gap = max([m.conv_gap for m in (self.text_context, self.audio_context) if m is not None] or [0])
+        return MeritsTurnPlan(turn_mask, gap=gap)
+
     def _forward_merits_l(self, stage, text_embeds, audio_embeds, turn_mask, text_mask, audio_mask, labels, out, terms):
         ctx_text = ctx_audio = None
         text_features = audio_features = None
+        plan = self._turn_plan(turn_mask)
         if self.text_context is not None:
-            text_features, ctx_text = self._run(self.text_context, text_embeds, turn_mask, text_mask)
+            text_features, ctx_text = self._run(self.text_context, text_embeds, turn_mask, text_mask, plan=plan)
         if self.audio_context is not None:
-            audio_features, ctx_audio = self._run(self.audio_context, audio_embeds, turn_mask, audio_mask)
+            audio_features, ctx_audio = self._run(self.audio_context, audio_embeds, turn_mask, audio_mask, plan=plan)
         out.update(context_text_logits=ctx_text, context_audio_logits=ctx_audio)
         context_logits = self._combine(ctx_text, ctx_audio, text_mask, audio_mask)
         if stage == "context":
@@ -1090,7 +1303,9 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
                     terms["context_audio"] = self._classification_loss(ctx_audio, labels, audio_mask, stage)
             return context_logits, (sum(terms.values()) if terms else None)
 
-        fusion_logits, _, _ = self._run(self.fusion, text_features, audio_features, turn_mask, text_mask, audio_mask)
+        fusion_logits, _, _ = self._run(
+            self.fusion, text_features, audio_features, turn_mask, text_mask, audio_mask, plan=plan
+        )
         out["fusion_logits"] = fusion_logits
         both = text_mask & audio_mask
         # a turn lacking one modality falls back to the other modality's context logits
@@ -1105,14 +1320,17 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
     def _expert_outputs(self, text_embeds, audio_embeds, turn_mask, text_mask, audio_mask):
         """Logits and availability of the enabled experts, in the canonical (speech, text, cross_modal) order."""
         experts = {}
+        plan = self._turn_plan(turn_mask)
         if self.audio_context is not None:
-            experts["speech"] = (self._run(self.audio_context, audio_embeds, turn_mask, audio_mask)[1], audio_mask)
+            experts["speech"] = (
+                self._run(self.audio_context, audio_embeds, turn_mask, audio_mask, plan=plan)[1], audio_mask
+            )
         if self.text_context is not None:
-            experts["text"] = (self._run(self.text_context, text_embeds, turn_mask, text_mask)[1], text_mask)
+            experts["text"] = (self._run(self.text_context, text_embeds, turn_mask, text_mask, plan=plan)[1], text_mask)
         reprs = None
         if self.fusion is not None:
             fusion_logits, text_repr, audio_repr = self._run(
-                self.fusion, text_embeds, audio_embeds, turn_mask, text_mask, audio_mask
+                self.fusion, text_embeds, audio_embeds, turn_mask, text_mask, audio_mask, plan=plan
             )
             experts["cross_modal"] = (fusion_logits, text_mask & audio_mask)
             reprs = (text_repr, audio_repr)
@@ -1204,15 +1422,23 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
             audio_embeds, _ = self._encode_audio(input_values, input_features, audio_attention_mask, audio_features)
         device, dtype = next(self.parameters()).device, next(self.parameters()).dtype
 
-        def presence(mask, embeds, has):
+        def presence(mask, embeds, has, name):
             if not has:
                 return torch.zeros(batch_size, dtype=torch.bool, device=device)
             if mask is None:
                 return torch.full((batch_size,), embeds is not None, dtype=torch.bool, device=device)
-            return mask.bool().to(device)
+            mask = mask.bool().to(device).reshape(-1)
+            if mask.shape[0] != batch_size:
+                raise ValueError(f"Turn {state['turn']}: `{name}_mask` must be [{batch_size}], got {mask.shape[0]} values.")
+            if embeds is None and mask.any():
+                b = int(mask.nonzero()[0])
+                raise ValueError(
+                    f"Turn {state['turn']}: `{name}_mask` says conversation {b} has {name}, but no {name} input was given."
+                )
+            return mask
 
-        text_present = presence(text_mask, text_embeds, config.has_text)
-        audio_present = presence(audio_mask, audio_embeds, config.has_audio)
+        text_present = presence(text_mask, text_embeds, config.has_text, "text")
+        audio_present = presence(audio_mask, audio_embeds, config.has_audio, "audio")
         if not (text_present | audio_present).all():
             raise ValueError(f"Turn {state['turn']}: some conversation has neither text nor audio for this model.")
         if config.has_text and text_embeds is None:
@@ -1268,6 +1494,9 @@ __all__ = [
     "MeritsCoAttentionBlock",
     "MeritsCoAttentionFusion",
     "MeritsGate",
+    "MeritsTurnPlan",
+    "MeritsGRURecurrence",
+    "run_packed_gru",
     "MeritsPreTrainedModel",
     "MeritsForConversationClassification",
     "focal_loss",

@@ -384,22 +384,6 @@ class ConversationEmotionRecognitionPipeline(Pipeline):
             embeds["audio_embeds"] = padded
         return embeds
 
-    def _fill_absent_modalities(self, forward_kwargs: dict) -> dict:
-        """A batch in which no turn has text (or audio) carries no text (audio) inputs at all; the model still
-        expects that modality, so it gets zero embeddings with a zero modality mask."""
-        config, turn_mask = self.model.config, forward_kwargs["turn_mask"]
-        raw_keys = {
-            "text": ("input_ids", "text_embeds"),
-            "audio": ("input_values", "input_features", "audio_features", "audio_embeds"),
-        }
-        for modality, keys in raw_keys.items():
-            size = getattr(config, f"{modality}_embed_dim", None)
-            if not getattr(config, f"has_{modality}", False) or size is None or any(k in forward_kwargs for k in keys):
-                continue
-            forward_kwargs[f"{modality}_embeds"] = torch.zeros(*turn_mask.shape, int(size), device=turn_mask.device)
-            forward_kwargs[f"{modality}_mask"] = torch.zeros_like(turn_mask)
-        return forward_kwargs
-
     def _forward(self, model_inputs, utterance_batch_size: int = 32, bf16: bool = False, group_by_length: bool = True):
         batch = model_inputs["batch"]
         autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=bool(bf16))
@@ -411,7 +395,8 @@ class ConversationEmotionRecognitionPipeline(Pipeline):
             else:
                 # Stage I models classify from the utterance encoders' own heads: one plain forward.
                 forward_kwargs = dict(batch)
-            outputs = self.model(**self._fill_absent_modalities(forward_kwargs))
+            # a modality with no input in the whole batch is absent at every turn: the model handles it itself
+            outputs = self.model(**forward_kwargs)
         result = {"logits": outputs.logits.float(), "turn_mask": batch["turn_mask"]}
         gate = getattr(outputs, "gate_weights", None)
         if gate is not None:

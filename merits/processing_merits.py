@@ -34,10 +34,12 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.feature_extraction_utils import BatchFeature, FeatureExtractionMixin
 from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-from transformers.utils import FEATURE_EXTRACTOR_NAME, PROCESSOR_NAME, cached_file
+from transformers.utils import FEATURE_EXTRACTOR_NAME, PROCESSOR_NAME, cached_file, logging
 
 from .feature_extraction_merits import MeritsAcousticFeatureExtractor
 
+
+logger = logging.get_logger(__name__)
 
 IGNORE_INDEX = -100
 TARGET_SAMPLING_RATE = 16000
@@ -49,6 +51,50 @@ CONVERSATION_LEVEL_AUDIO_KEYS = ("audio_features",)
 
 # Hub-side keyword arguments understood by `cached_file` / `from_pretrained` of the sub-processors.
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+
+# Keyword arguments of `MeritsProcessor.__init__` that `from_pretrained` may override.
+_INIT_KWARGS = ("label2id", "max_length", "missing_audio_seconds", "chat_template")
+
+# Model-loading keyword arguments that `transformers.pipeline()` (its `model_kwargs`, `dtype`, `device_map`) and
+# users pass to every component's `from_pretrained`; they mean nothing to a processor and are ignored.
+_MODEL_LOADING_KWARGS = (
+    "dtype",
+    "torch_dtype",
+    "device",
+    "device_map",
+    "max_memory",
+    "offload_folder",
+    "offload_state_dict",
+    "low_cpu_mem_usage",
+    "attn_implementation",
+    "quantization_config",
+    "load_in_8bit",
+    "load_in_4bit",
+    "use_safetensors",
+    "weights_only",
+    "variant",
+    "tp_plan",
+    "tp_size",
+    "key_mapping",
+    "output_loading_info",
+    "ignore_mismatched_sizes",
+    "state_dict",
+    "config",
+    "use_auth_token",
+    "mirror",
+    "_fast_init",
+    "_commit_hash",
+    "_from_auto",
+    "_from_pipeline",
+    "code_revision",
+    "return_unused_kwargs",
+    "adapter_kwargs",
+    "adapter_name",
+    "gguf_file",
+)
+
+# Tokenizer-loading keyword arguments passed on to `AutoTokenizer.from_pretrained`.
+_TOKENIZER_KWARGS = ("use_fast",)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -610,8 +656,17 @@ class MeritsProcessor(ProcessorMixin):
         for key in ("subfolder", "proxies"):
             if key in kwargs:
                 hub_kwargs[key] = kwargs.pop(key)
-        for key in ("_from_auto", "_from_pipeline", "code_revision", "return_unused_kwargs"):
+        tokenizer_kwargs = {key: kwargs.pop(key) for key in _TOKENIZER_KWARGS if key in kwargs}
+        # `pipeline()` passes its model kwargs (dtype, device_map, ...) to every component: a processor has no
+        # weights, so they are accepted and ignored. Anything else that is not an `__init__` argument is ignored
+        # with a warning (raising here would make `pipeline()` silently drop the processor).
+        for key in _MODEL_LOADING_KWARGS:
             kwargs.pop(key, None)
+        unknown = sorted(key for key in kwargs if key not in _INIT_KWARGS)
+        if unknown:
+            logger.warning(f"MeritsProcessor.from_pretrained ignores the unknown keyword arguments {unknown}.")
+            for key in unknown:
+                kwargs.pop(key)
 
         processor_file = cached_file(
             pretrained_model_name_or_path, PROCESSOR_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs
@@ -624,7 +679,7 @@ class MeritsProcessor(ProcessorMixin):
         tokenizer = None
         if processor_dict.get("has_tokenizer", False):
             tokenizer = AutoTokenizer.from_pretrained(
-                pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **hub_kwargs
+                pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **hub_kwargs, **tokenizer_kwargs
             )
 
         feature_extractor = None

@@ -309,6 +309,78 @@ def test_merits_l_falls_back_to_the_other_modality():
     torch.testing.assert_close(out2.logits, out.logits)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("architecture, stage", [(a, s) for a, stages in STAGES.items() for s in stages])
+@pytest.mark.parametrize("absent", ["audio", "text"])
+def test_batch_without_any_turn_of_one_modality(architecture, stage, causal, absent):
+    """No turn of the batch has audio (text): no input for it at all is valid, every stage runs and trains."""
+    model = randomize(make_model(architecture, causal=causal), std=0.1)
+    model.freeze_for_stage(stage)
+    model.train()
+    for module in model.modules():  # no dropout: compare runs
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    text, audio = embeds()
+    present = {"text_embeds": text} if absent == "audio" else {"audio_embeds": audio}
+    out = model(**present, turn_mask=TURN_MASK, labels=LABELS, stage=stage)
+    assert out.logits.shape == (B, T, C) and torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    if stage == "fusion":  # no turn has both modalities: nothing for the fusion to learn from
+        assert out.loss == 0
+    else:
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    # the same as zeros, or anything, with a zero modality mask
+    zeros = {f"{absent}_embeds": torch.zeros_like(audio if absent == "audio" else text) + 3.0,
+             f"{absent}_mask": torch.zeros_like(TURN_MASK)}
+    same = model(**present, **zeros, turn_mask=TURN_MASK, labels=LABELS, stage=stage)
+    torch.testing.assert_close(same.logits, out.logits)
+    torch.testing.assert_close(same.loss, out.loss)
+    real = TURN_MASK.bool()
+    kept = "text" if absent == "audio" else "audio"
+    if architecture == "merits-l":  # falls back to the present modality's context head
+        torch.testing.assert_close(out.logits[real], getattr(out, f"context_{kept}_logits")[real])
+    else:  # gate weight 0 for the absent expert and the cross-modal one; the mixture is the present expert
+        w = out.gate_weights[real]
+        present_index, absent_index = (1, 0) if absent == "audio" else (0, 1)
+        assert torch.all(w[:, absent_index] == 0) and torch.all(w[:, 2] == 0) and torch.all(w[:, present_index] == 1)
+        torch.testing.assert_close(out.logits[real], out.expert_logits[present_index][real])
+        assert out.loss_terms["supcon"] == 0
+    # a mask claiming the modality at some turn without giving it is an error naming the turn
+    bad_mask = torch.zeros_like(TURN_MASK)
+    bad_mask[1, 2] = 1
+    with pytest.raises(ValueError, match=f"`{absent}_mask` says conversation 1, turn 2 has {absent}"):
+        model(**present, turn_mask=TURN_MASK, stage=stage, **{f"{absent}_mask": bad_mask})
+    if causal:  # streaming, turn by turn, without the absent modality
+        model.eval()
+        with torch.no_grad():
+            full = model(**present, turn_mask=torch.ones(B, T), stage=stage)
+            state = model.init_stream_state(batch_size=B)
+            for t in range(T):
+                step = {key: value[:, t] for key, value in present.items()}
+                logits, gate, state = model.stream_step(state, **step)
+                torch.testing.assert_close(logits, full.logits[:, t], atol=1e-5, rtol=0)
+                if architecture == "mister-e":
+                    torch.testing.assert_close(gate, full.gate_weights[:, t], atol=1e-5, rtol=0)
+            with pytest.raises(ValueError, match=f"Turn {T}: `{absent}_mask` says conversation 0 has {absent}"):
+                model.stream_step(state, **step, **{f"{absent}_mask": torch.ones(B)})
+
+
+@pytest.mark.parametrize("architecture", ["merits-l", "mister-e"])
+def test_raw_batch_without_any_audio(architecture):
+    """The processor emits no audio tensors when no turn has audio: every stage still runs from input_ids alone."""
+    model = make_model(architecture, text_config=tiny_roberta_config(), audio_config=tiny_wavlm_config())
+    batch = _raw_batch()
+    text_only = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], turn_mask=TURN_MASK,
+                     text_mask=TURN_MASK, audio_mask=torch.zeros_like(TURN_MASK), labels=LABELS)
+    for stage in ["utterance"] + STAGES[architecture]:
+        out = model(**text_only, stage=stage)
+        assert out.logits.shape == (B, T, C) and torch.isfinite(out.logits).all() and torch.isfinite(out.loss), stage
+        assert out.utterance_audio_logits is None
+        torch.testing.assert_close(out.logits, model(**{k: v for k, v in text_only.items() if k != "audio_mask"},
+                                                     stage=stage).logits)
+
+
 @pytest.mark.parametrize("architecture", ["merits-l", "mister-e"])
 def test_single_modality_models(architecture):
     text, audio = embeds()
@@ -503,3 +575,111 @@ def test_save_and_reload_gives_the_same_outputs(tmp_path):
     loaded = MeritsForConversationClassification.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**kwargs).logits, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Speed paths: packed GRU with hand-written backward, real-row convolutions; checkpointing; bf16
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_packed_gru_equals_torch_gru_with_gradients(bidirectional):
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    from merits.modeling_merits import MeritsTurnPlan, run_packed_gru
+
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(5, 4, num_layers=2, bidirectional=bidirectional, batch_first=True).double()
+    turn_mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]])
+    x = torch.randn(4, 5, 5, dtype=torch.double, requires_grad=True)
+    plan = MeritsTurnPlan(turn_mask)
+    ours = run_packed_gru(gru, plan.gather(x), plan)
+    packed = pack_padded_sequence(x, turn_mask.sum(1), batch_first=True, enforce_sorted=False)
+    reference = pad_packed_sequence(gru(packed)[0], batch_first=True, total_length=5)[0][turn_mask.bool()]
+    torch.testing.assert_close(ours, reference)
+    weights = torch.randn_like(ours)
+    grads = torch.autograd.grad((ours * weights).sum(), [x, *gru.parameters()])
+    expected = torch.autograd.grad((reference * weights).sum(), [x, *gru.parameters()])
+    for (name, _), got, want in zip([("x", None), *gru.named_parameters()], grads, expected):
+        torch.testing.assert_close(got, want, msg=name)
+    # the recurrence's hand-written backward against finite differences
+    plan_inputs = (torch.randn(2, 3, 2, 6, dtype=torch.double, requires_grad=True),
+                   torch.randn(2, 6, 2, dtype=torch.double, requires_grad=True),
+                   torch.randn(2, 6, dtype=torch.double, requires_grad=True))
+    from merits.modeling_merits import MeritsGRURecurrence
+
+    assert torch.autograd.gradcheck(lambda a, b, c: MeritsGRURecurrence.apply(a, b, c, [2, 2, 1]), plan_inputs)
+
+
+def test_turn_convolutions_equal_conv1d_per_conversation():
+    for causal in (False, True):
+        model = randomize(make_model("mister-e", causal=causal), std=0.1)
+        expert = model.text_context
+        text = embeds()[0]
+        out = expert(text, TURN_MASK)[0]
+        for b, length in enumerate(TURN_MASK.sum(1).tolist()):
+            u = text[b : b + 1, :length].transpose(1, 2)
+            conv = sum(
+                torch.relu(c(torch.nn.functional.pad(u, (k - 1, 0)) if causal else u))
+                for k, c in zip(expert.kernel_sizes, expert.convs)
+            ).transpose(1, 2)
+            gru_out = expert.gru(conv)[0]
+            torch.testing.assert_close(out[b, :length], (gru_out + expert.skip(text[b : b + 1, :length]))[0])
+            assert torch.all(out[b, length:] == 0)
+
+
+def test_gradient_checkpointing_of_the_text_backbone_trains():
+    config = dict(text_config=tiny_roberta_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+                  audio_embed_dim=None, text_head_dropout=0.0)
+    batch = _raw_batch()
+    batch = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], turn_mask=TURN_MASK,
+                 labels=LABELS)
+    plain, checkpointed = make_model("merits-l", **config), make_model("merits-l", **config)
+    assert MeritsForConversationClassification.supports_gradient_checkpointing
+    enable = getattr(checkpointed, "activation_checkpointing_enable", checkpointed.gradient_checkpointing_enable)
+    enable()
+    layers = [m for m in checkpointed.text_encoder.backbone.modules()
+              if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func")]
+    assert layers, "no backbone layer has checkpointing on"
+    calls = []
+    for layer in layers:
+        func = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda *a, _f=func, **k: calls.append(1) or _f(*a, **k)
+    for model in (plain, checkpointed):
+        model.freeze_for_stage("utterance")
+        model.train()
+    losses = []
+    optimizer = torch.optim.AdamW(checkpointed.parameters(), lr=1e-2)
+    for step in range(4):
+        plain.zero_grad()
+        optimizer.zero_grad()
+        loss = checkpointed(**batch).loss
+        loss.backward()
+        if step == 0:  # the same gradients as without checkpointing
+            plain(**batch).loss.backward()
+            for (name, p), q in zip(checkpointed.named_parameters(), plain.parameters()):
+                if p.requires_grad:
+                    torch.testing.assert_close(p.grad, q.grad, msg=name)
+        optimizer.step()
+        losses.append(loss.item())
+    assert calls and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("architecture", ["merits-l", "mister-e"])
+def test_bf16_autocast_forward_is_finite(architecture):
+    model = make_model(architecture, text_config=tiny_roberta_config(), audio_config=tiny_wavlm_config())
+    batch = _raw_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for stage in ["utterance"] + STAGES[architecture]:
+            out = model(**batch, stage=stage)
+            assert torch.isfinite(out.logits.float()).all() and torch.isfinite(out.loss.float()), stage
+    # the cached-embedding training path, backward included (the GRU recurrence's own backward)
+    model = make_model(architecture)
+    model.train()
+    text, audio = embeds()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(text_embeds=text, audio_embeds=audio, turn_mask=TURN_MASK, labels=LABELS,
+                    stage=STAGES[architecture][-1])
+    out.loss.backward()
+    assert torch.isfinite(out.logits.float()).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

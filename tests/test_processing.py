@@ -423,3 +423,50 @@ def test_real_emodb_clips_decode_like_soxr():
         difference = ours[:n] - reference[:n]
         snr_db = 10 * np.log10(np.sum(reference[:n] ** 2) / np.sum(difference**2))
         assert snr_db > 40, (row["file"], snr_db)  # the filters differ only near the 8 kHz band edge
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading with the keyword arguments that `transformers.pipeline()` passes to every component
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_from_pretrained_ignores_model_loading_kwargs(tmp_path, tokenizer):
+    from transformers import AutoProcessor
+
+    import merits  # noqa: F401  (registers MeritsProcessor for AutoProcessor, so save_pretrained writes auto_map)
+
+    processor = MeritsProcessor(tokenizer=tokenizer, feature_extractor=Wav2Vec2FeatureExtractor(), label2id=LABELS)
+    processor.save_pretrained(tmp_path)
+    conversations = [[{"text": "i got the job", "audio": voiced(0.3)}, {"text": "hello"}]]
+    # what `pipeline(..., dtype=..., device_map=..., model_kwargs=...)` forwards to AutoProcessor
+    loaded = AutoProcessor.from_pretrained(
+        tmp_path, trust_remote_code=True, dtype=torch.float32, torch_dtype=torch.float32, device_map="cpu",
+        revision="main", token=None, cache_dir=str(tmp_path / "cache"), code_revision=None, _from_pipeline="x",
+        low_cpu_mem_usage=True, attn_implementation="eager",
+    )
+    assert type(loaded).__name__ == "MeritsProcessor" and loaded.label2id == LABELS
+    _assert_same_batches(processor(conversations), loaded(conversations))
+    # processor arguments still override the saved ones; unknown arguments are ignored with a warning, not a crash
+    loaded = MeritsProcessor.from_pretrained(tmp_path, dtype=torch.bfloat16, max_length=3, use_fast=True, foo=1)
+    assert loaded.max_length == 3 and loaded.tokenizer.is_fast
+    assert loaded([[{"text": "what a wonderful day it is"}]])["input_ids"].shape[-1] == 3
+
+
+def test_pipeline_keeps_the_processor_when_given_a_dtype(tmp_path, tokenizer):
+    from transformers import pipeline
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _tiny import tiny_merits_config, tiny_roberta_config
+
+    from merits import MeritsForConversationClassification, save_hub_folder
+
+    torch.manual_seed(0)
+    config = tiny_merits_config("merits-l", text_config=tiny_roberta_config(vocab_size=len(tokenizer)), audio_embed_dim=None,
+                                id2label={0: "neutral", 1: "joy", 2: "sadness"})
+    model = MeritsForConversationClassification(config).eval()
+    save_hub_folder(model, MeritsProcessor(tokenizer=tokenizer, label2id=LABELS), tmp_path / "hub")
+    classifier = pipeline("conversation-emotion-recognition", model=str(tmp_path / "hub"), trust_remote_code=True,
+                          dtype=torch.float32)
+    assert classifier.processor is not None and type(classifier.processor).__name__ == "MeritsProcessor"
+    output = classifier([{"text": "hello there"}, {"text": "i got the job"}])
+    assert [set(turn) >= {"label", "score", "scores"} for turn in output] == [True, True]
