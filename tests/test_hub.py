@@ -22,6 +22,7 @@ import torch
 from huggingface_hub import ModelCard
 from transformers import Wav2Vec2FeatureExtractor
 
+from _fresh import HIDE_MERITS
 from _tiny import tiny_merits_config, tiny_roberta_config, tiny_wavlm_config
 from merits import (
     MeritsAcousticFeatureExtractor,
@@ -213,25 +214,9 @@ def test_check_hub_code_rejects_foreign_imports_and_missing_files(tmp_path):
 # A fresh process where `merits` is not importable
 # ---------------------------------------------------------------------------------------------------------------
 
-HIDDEN_MERITS_SCRIPT = textwrap.dedent(
+HIDDEN_MERITS_SCRIPT = HIDE_MERITS + textwrap.dedent(
     r"""
-    import importlib.abc, json, os, sys
-
-    class BlockMerits(importlib.abc.MetaPathFinder):
-        # Hides `merits` from every import mechanism, including an editable install's finder.
-        def find_spec(self, name, path=None, target=None):
-            if name == "merits" or name.startswith("merits."):
-                raise ModuleNotFoundError(f"No module named {name!r} (hidden by tests/test_hub.py)", name=name)
-            return None
-
-    sys.meta_path.insert(0, BlockMerits())
-    sys.path[:] = [p for p in sys.path if not os.path.isfile(os.path.join(p or os.getcwd(), "merits", "__init__.py"))]
-    try:
-        import merits  # noqa: F401
-    except ModuleNotFoundError:
-        merits_hidden = True
-    else:
-        merits_hidden = False
+    import json
 
     import torch
     from transformers import AutoConfig, AutoModel, AutoProcessor, pipeline

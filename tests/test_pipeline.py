@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from _fresh import HIDE_MERITS
 from _tiny import tiny_merits_config, tiny_roberta_config, tiny_wavlm_config
 from test_processing import make_tokenizer, voiced
 from transformers import Wav2Vec2FeatureExtractor
@@ -327,10 +328,10 @@ def test_pipeline_from_hub_folder_without_merits(tmp_path):
     conversation = [{"text": "hello there how are you"}, {"text": "i got the job", "audio": str(wav)}]
     expected = make_pipeline(model, processor)(conversation)
 
-    script = textwrap.dedent(
+    script = HIDE_MERITS + textwrap.dedent(
         f"""
-        import importlib.util, json, sys
-        assert importlib.util.find_spec("merits") is None, "merits must not be importable here"
+        import json
+        assert merits_hidden, "merits must not be importable here"
         from transformers import pipeline
         classifier = pipeline("conversation-emotion-recognition", model={str(folder)!r}, trust_remote_code=True)
         out = classifier({conversation!r})
@@ -340,6 +341,7 @@ def test_pipeline_from_hub_folder_without_merits(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
+    env["HF_HOME"] = str(tmp_path / "hf_home")  # fresh remote-code module cache
     result = subprocess.run(
         [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
