@@ -74,9 +74,26 @@ def test_request_body_uses_structured_outputs_choice():
     body = OpenAICompatibleLabeller("http://127.0.0.1:1/v1", "m").request_body("hello")
     assert body["structured_outputs"] == {"choice": ["positive", "negative", "neutral"]}
     assert "guided_choice" not in body
-    assert body["temperature"] == 0.0 and body["max_tokens"] == 4 and body["model"] == "m"
+    # constrained, budget not yet resolved against the server: the safe constant
+    assert body["temperature"] == 0.0 and body["max_tokens"] == 16 and body["model"] == "m"
     plain = OpenAICompatibleLabeller("http://x/v1", "m", prompt=PromptTemplate(structured_outputs=False)).request_body("a")
-    assert "structured_outputs" not in plain
+    assert "structured_outputs" not in plain and plain["max_tokens"] == 4  # GPT-style unconstrained budget
+    explicit = OpenAICompatibleLabeller("http://x/v1", "m", prompt=PromptTemplate(max_tokens=5)).request_body("a")
+    assert explicit["max_tokens"] == 5
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        PromptTemplate(max_tokens=0)
+
+
+def test_choice_token_budget_never_cuts_a_label():
+    from merits.labelling.llm import choice_token_budget
+
+    labels = ("positive", "negative", "neutral")
+    # canonical counts are not a bound under a choice constraint (a label may be spelt in pieces):
+    # the byte length of the longest label is, plus one token for EOS
+    assert choice_token_budget(labels, {"positive": 1, "negative": 1, "neutral": 1}) == 9
+    assert choice_token_budget(labels, {"positive": 12, "negative": 1, "neutral": 1}) == 13
+    assert choice_token_budget(labels) == 16  # the served tokenizer unknown
+    assert choice_token_budget(("très positif",), {"très positif": 3}) == len("très positif".encode()) + 1
 
 
 # ---------------------------------------------------------------------------------------------- oracle
@@ -180,18 +197,27 @@ def test_build_dataset_keeps_order_and_records_unparsed():
 class FakeServer:
     """An OpenAI-compatible chat server as an httpx transport: answers by keyword, counts concurrency."""
 
-    def __init__(self, failures_before_success: int = 0, status: int = 503, delay: float = 0.0, models=("m",)):
+    def __init__(self, failures_before_success: int = 0, status: int = 503, delay: float = 0.0, models=("m",),
+                 tokenize: bool = False):
         self.failures_left = failures_before_success
         self.status = status
         self.delay = delay
         self.models = models
+        self.tokenize = tokenize
         self.in_flight = 0
         self.max_in_flight = 0
         self.bodies = []
+        self.paths = []
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
+        self.paths.append(request.url.path)
         if request.url.path.endswith("/models"):
             return httpx.Response(200, json={"object": "list", "data": [{"id": m} for m in self.models]})
+        if request.url.path == "/tokenize":  # vLLM's endpoint, at the server root (not under /v1)
+            if not self.tokenize:
+                return httpx.Response(404, json={"detail": "Not Found"})
+            prompt = json.loads(request.content)["prompt"]
+            return httpx.Response(200, json={"count": len(prompt) + 3, "tokens": [], "max_model_len": 512})
         body = json.loads(request.content)
         self.bodies.append(body)
         self.in_flight += 1
@@ -228,6 +254,30 @@ def test_client_labels_concurrently_and_parses():
     assert results["r2"].label is None and results["r2"].reply == "hmm"  # unparseable: recorded, not dropped
     assert server.max_in_flight == 8
     assert all(body["structured_outputs"] == {"choice": ["positive", "negative", "neutral"]} for body in server.bodies)
+
+
+def test_client_resolves_the_reply_budget_once_from_tokenize():
+    # a server with vLLM's /tokenize: its counts (here len+3, more than the bytes) set the budget
+    server = FakeServer(tokenize=True)
+    labeller = OpenAICompatibleLabeller("http://127.0.0.1:9/v1", "m", concurrency=4,
+                                        transport=httpx.MockTransport(server.handle))
+    results = _label_all(labeller, [(f"r{i}", "good") for i in range(12)])
+    assert len(results) == 12 and labeller.max_tokens == len("positive") + 3 + 1
+    assert {body["max_tokens"] for body in server.bodies} == {12}
+    # one /models check and one /tokenize per label for the whole run, not per request
+    assert server.paths.count("/v1/models") == 1 and server.paths.count("/tokenize") == 3
+    assert server.paths.count("/v1/chat/completions") == 12
+    # a server without /tokenize (another OpenAI-compatible server): the safe constant
+    plain = FakeServer()
+    labeller = OpenAICompatibleLabeller("http://127.0.0.1:9/v1", "m", transport=httpx.MockTransport(plain.handle))
+    _label_all(labeller, [("a", "good")])
+    assert labeller.max_tokens == 16 and plain.bodies[0]["max_tokens"] == 16
+    # an explicit --max-tokens is never replaced
+    explicit = FakeServer(tokenize=True)
+    labeller = OpenAICompatibleLabeller("http://127.0.0.1:9/v1", "m", prompt=PromptTemplate(max_tokens=3),
+                                        transport=httpx.MockTransport(explicit.handle))
+    _label_all(labeller, [("a", "good")])
+    assert explicit.bodies[0]["max_tokens"] == 3 and "/tokenize" not in explicit.paths
 
 
 def test_client_retries_transient_failures_then_succeeds():

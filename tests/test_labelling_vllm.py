@@ -2,7 +2,10 @@
 random Llama with a locally trained tokenizer, on a free 127.0.0.1 port.
 
 Skipped with a message when the venv is missing (``bash scripts/setup_vllm_venv.sh`` makes it),
-except under CI=true where a missing venv fails. One server for the whole module (start-up ~1-2 min).
+except under CI=true where a missing venv fails. Start-ups dominate the run time (~1-2 min each on a
+loaded 2-core machine), so there are three: one server for the whole session (restarted once by the
+server-crash test, on the same port) and one in-process engine (``--engine inprocess``). The unbroken
+reference labelling is made once and shared.
 """
 
 from __future__ import annotations
@@ -29,8 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, str(REPO / "label_with_llm.py")]
 
 
-@pytest.fixture(scope="session")
-def vllm_server(tmp_path_factory):
+def _vllm_python_or_skip() -> Path:
     python = vllm_python()
     problem = None
     if python is None:
@@ -43,8 +45,18 @@ def vllm_server(tmp_path_factory):
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"CI=true and {problem}")
         pytest.skip(problem)
-    model_dir = build_tiny_llama(tmp_path_factory.mktemp("vllm") / "tiny-llama")
-    server = VLLMServer(model_dir, served_name="tiny-llama", python=python, startup_timeout=420)
+    return python
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("vllm") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_llama_dir):
+    python = _vllm_python_or_skip()
+    server = VLLMServer(tiny_llama_dir, served_name="tiny-llama", python=python, startup_timeout=420)
     server.start()
     yield server
     server.stop()
@@ -85,43 +97,74 @@ def load(out: Path):
     return datasets.load_from_disk(str(out))
 
 
-def test_end_to_end_resume_after_sigkill(vllm_server, tmp_path, run_cli):
-    rows = 240
-    csv_path = write_csv(tmp_path / "transcripts.csv", rows)
-    common = ["--transcripts", csv_path, "--llm-url", vllm_server.url, "--llm-model", "tiny-llama",
-              "--valence-column", "valence"]
+ROWS = 240
 
-    # an unbroken run
-    unbroken = run_cli(*common, "--out", tmp_path / "unbroken", "--concurrency", "8")
-    assert unbroken.returncode == 0, unbroken.stderr
-    assert "oracle agreement:" in unbroken.stdout and "confusion matrix" in unbroken.stdout
-    reference = load(tmp_path / "unbroken")
-    assert reference.num_rows == rows and reference["id"] == [f"utt{i:04d}" for i in range(rows)]
-    assert set(reference.column_names) >= {"id", "text", "label", "llm_reply", "llm_model", "prompt_hash", "valence", "speaker"}
-    assert set(reference["llm_model"]) == {"tiny-llama"}
-    assert all(reply is not None for reply in reference["llm_reply"])  # every reply recorded, parsed or not
-    summary = json.loads((tmp_path / "unbroken" / "journal" / "summary.json").read_text())
-    assert sum(summary["counts"].values()) == rows and summary["oracle"]["compared"] + summary["oracle"]["unparsed"] == rows
 
-    # a run killed midway, as a real process (one request at a time, so that it is still running when killed)
+def _common_args(csv_path: Path, url: str) -> list:
+    return ["--transcripts", csv_path, "--llm-url", url, "--llm-model", "tiny-llama", "--valence-column", "valence"]
+
+
+@pytest.fixture(scope="session")
+def reference(vllm_server, tmp_path_factory):
+    """One unbroken labelling of ROWS transcripts (concurrency 8): what every resumed run must reproduce."""
+    tmp = tmp_path_factory.mktemp("reference")
+    csv_path = write_csv(tmp / "transcripts.csv", ROWS)
+    out = tmp / "unbroken"
+    code = main([str(arg) for arg in [*_common_args(csv_path, vllm_server.url), "--out", out, "--concurrency", "8"]])
+    assert code == 0
+    return {"csv": csv_path, "out": out, "dataset": load(out).to_dict()}
+
+
+def test_unbroken_run_every_reply_parses(reference, vllm_server, tmp_path, run_cli):
+    dataset = reference["dataset"]
+    assert dataset["id"] == [f"utt{i:04d}" for i in range(ROWS)]
+    assert set(dataset) >= {"id", "text", "label", "llm_reply", "llm_model", "prompt_hash", "valence", "speaker"}
+    assert set(dataset["llm_model"]) == {"tiny-llama"}
+    # the choice-constrained reply is never cut: every reply is exactly one of the labels
+    assert set(dataset["llm_reply"]) <= {"positive", "negative", "neutral"}, sorted(set(dataset["llm_reply"]))
+    assert -1 not in dataset["label"]
+    summary = json.loads((reference["out"] / "journal" / "summary.json").read_text())
+    assert summary["counts"]["unparsed"] == 0 and summary["counts"]["failed"] == 0
+    # the budget came from the server's /tokenize: every label is one token of the test tokenizer, but a
+    # constrained model may spell it byte by byte, so 8 bytes of "positive"/"negative" + EOS
+    assert summary["max_tokens"] == 9
+    assert summary["oracle"]["compared"] == ROWS and summary["oracle"]["unparsed"] == 0
+
+    # the documented GPT-style budget of 4, given explicitly, does cut this model's spelled-out replies
+    csv_path = write_csv(tmp_path / "few.csv", 20)
+    cut = run_cli("--transcripts", csv_path, "--llm-url", vllm_server.url, "--llm-model", "tiny-llama",
+                  "--out", tmp_path / "cut", "--max-tokens", "4")
+    assert cut.returncode == 0, cut.stderr
+    cut_summary = json.loads((tmp_path / "cut" / "journal" / "summary.json").read_text())
+    assert cut_summary["max_tokens"] == 4 and cut_summary["counts"]["unparsed"] > 0, cut_summary
+
+
+def _journal_lines(journal: Path) -> int:
+    return journal.read_text().count("\n") if journal.exists() else 0
+
+
+def _start_labeller_and_wait(args: list, journal: Path, at_least: int = 30) -> subprocess.Popen:
+    """Start label_with_llm.py as a real process (one request at a time) and return once it has journaled rows."""
+    process = subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None and _journal_lines(journal) < at_least:
+        time.sleep(0.05)
+    assert process.poll() is None, f"the labeller ended before the interruption: {process.communicate()[1][-2000:]}"
+    assert _journal_lines(journal) >= at_least, "the labeller journaled too few rows in time"
+    return process
+
+
+def test_resume_after_labeller_sigkill(reference, vllm_server, tmp_path, run_cli):
+    common = _common_args(reference["csv"], vllm_server.url)
     out = tmp_path / "killed"
     journal = out / "journal" / "labels.jsonl"
-    process = subprocess.Popen([*CLI, *map(str, common), "--out", str(out), "--concurrency", "1"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
-    deadline = time.monotonic() + 120
-    written = 0
-    while time.monotonic() < deadline and process.poll() is None:
-        written = journal.read_text().count("\n") if journal.exists() else 0
-        if written >= 30:
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, f"the labeller ended before it could be killed: {process.communicate()[1][-2000:]}"
+    process = _start_labeller_and_wait([*common, "--out", out, "--concurrency", "1"], journal)
     process.send_signal(signal.SIGKILL)
     process.wait()
     process.stdout.close()
     process.stderr.close()
     done_at_kill = len(journal.read_text().splitlines())
-    assert 30 <= done_at_kill < rows, done_at_kill
+    assert 30 <= done_at_kill < ROWS, done_at_kill
     assert not (out / "dataset_info.json").exists()
 
     resumed = run_cli(*common, "--out", out, "--concurrency", "8")
@@ -130,17 +173,83 @@ def test_end_to_end_resume_after_sigkill(vllm_server, tmp_path, run_cli):
     assert (f"labels: {done_at_kill} in the journal" in resumed.stderr
             or f"labels: {done_at_kill - 1} in the journal" in resumed.stderr), resumed.stderr
     lines = [json.loads(line) for line in journal.read_text().splitlines()]
-    assert len({line["id"] for line in lines}) == rows and len(lines) == rows
-    assert load(out).to_dict() == reference.to_dict()
+    assert len({line["id"] for line in lines}) == ROWS and len(lines) == ROWS
+    assert load(out).to_dict() == reference["dataset"]
 
     # a rerun of a finished job asks nothing and rewrites the same dataset
     again = run_cli(*common, "--out", out)
-    assert again.returncode == 0 and f"labels: {rows} in the journal, 0 to ask" in again.stderr
-    assert load(out).to_dict() == reference.to_dict()
+    assert again.returncode == 0 and f"labels: {ROWS} in the journal, 0 to ask" in again.stderr
+    assert load(out).to_dict() == reference["dataset"]
 
     # resuming with another prompt is refused (it would mix two labellings)
     other = run_cli(*common, "--out", out, "--user-template", "Text: {text}")
     assert other.returncode == 2 and "prompt_hash" in other.stderr
+
+
+def test_resume_after_server_crash(reference, vllm_server, tmp_path, run_cli):
+    """The SERVER dies mid-run: the labeller stops with an error naming the URL, keeps what finished,
+    and the same command against the restarted server completes the identical dataset."""
+    common = _common_args(reference["csv"], vllm_server.url)
+    out = tmp_path / "crashed"
+    journal = out / "journal" / "labels.jsonl"
+    process = _start_labeller_and_wait(
+        [*common, "--out", out, "--concurrency", "1", "--max-retries", "2", "--retry-base-delay", "0.2"], journal)
+    try:
+        vllm_server.kill()  # SIGKILL to the API server and its engine core
+        _, stderr = process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+        vllm_server.restart()  # same port: the same command resumes; later tests keep a live server
+    stderr = stderr.decode(errors="replace")
+    assert process.returncode == 2, stderr[-3000:]
+    assert f"the LLM server at {vllm_server.url} kept failing after 3 attempts" in stderr, stderr[-3000:]
+    assert "rerun the same command to resume" in stderr
+    records = [json.loads(line) for line in journal.read_text().splitlines()]
+    done_at_crash = len(records)
+    assert 30 <= done_at_crash < ROWS, done_at_crash
+    # only finished rows were journaled: the row in flight at the crash is not recorded as failed
+    assert all(record["error"] is None and record["label"] is not None for record in records)
+    assert not (out / "dataset_info.json").exists()
+
+    resumed = run_cli(*common, "--out", out, "--concurrency", "8")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"labels: {done_at_crash} in the journal, {ROWS - done_at_crash} to ask" in resumed.stderr, resumed.stderr
+    assert load(out).to_dict() == reference["dataset"]
+
+
+def test_inprocess_engine_command(reference, tiny_llama_dir, tmp_path):
+    """`--engine inprocess` as a command, run by the vLLM venv's python (the setup script installs the
+    labeller there): vllm.LLM in the labeller's own process, same prompt, constraint and budget."""
+    python = _vllm_python_or_skip()
+    ready = subprocess.run([str(python), "-c", "import datasets, soundfile, soxr, merits.labelling.run"],
+                           capture_output=True, text=True, cwd=REPO)
+    if ready.returncode != 0:
+        message = f"the vLLM venv lacks the labeller's packages (rerun bash scripts/setup_vllm_venv.sh): {ready.stderr[-500:]}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    rows = 12
+    csv_path = write_csv(tmp_path / "few.csv", rows)
+    out = tmp_path / "inprocess"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING")
+    result = subprocess.run(
+        [str(python), str(REPO / "label_with_llm.py"), "--engine", "inprocess", "--transcripts", str(csv_path),
+         "--out", str(out), "--llm-model", str(tiny_llama_dir), "--inprocess-batch-size", "5"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"wrote {rows} rows to {out}" in result.stderr
+    dataset = load(out)
+    assert dataset["id"] == [f"utt{i:04d}" for i in range(rows)]
+    assert set(dataset["llm_model"]) == {str(tiny_llama_dir)}
+    assert set(dataset["llm_reply"]) <= {"positive", "negative", "neutral"} and -1 not in dataset["label"]
+    summary = json.loads((out / "journal" / "summary.json").read_text())
+    assert summary["max_tokens"] == 9  # the same budget, from the engine's own tokenizer
+    # the same greedy model gives the same labels in-process as through the server
+    assert dataset["llm_reply"] == reference["dataset"]["llm_reply"][:rows]
+    assert len((out / "journal" / "labels.jsonl").read_text().splitlines()) == rows
 
 
 def test_wrong_model_name_lists_served_models(vllm_server, tmp_path, run_cli):

@@ -16,6 +16,7 @@ from .llm import (
     OpenAICompatibleLabeller,
     PromptTemplate,
     RetryPolicy,
+    choice_token_budget,
     parse_label,
 )
 from .oracle import OracleAgreement, oracle_agreement, valence_to_sentiment
@@ -35,6 +36,7 @@ __all__ = [
     "PromptTemplate",
     "RetryPolicy",
     "check_run_metadata",
+    "choice_token_budget",
     "oracle_agreement",
     "parse_label",
     "valence_to_sentiment",

@@ -9,6 +9,11 @@ Two engines label a transcript as ``positive`` / ``negative`` / ``neutral``:
 - :class:`InProcessVLLMLabeller`: ``vllm.LLM`` in this process (imported lazily), the same prompt and
   the same ``structured_outputs`` constraint through ``SamplingParams``.
 
+The reply budget (``max_tokens``) never cuts a constrained label: by default it is
+:func:`choice_token_budget` (the longest label's UTF-8 length, raised by the served tokenizer's canonical
+counts from vLLM's ``/tokenize`` when available, + 1 for EOS; 16 when the tokenizer cannot be asked);
+the paper reproducer's 4 tokens is the default only without the constraint (GPT-style endpoints).
+
 Both return :class:`LabelResult` objects; :func:`parse_label` maps a reply to a label defensively
 (papers.md §6 #4: the first label word the reply contains), and an unparseable reply is kept with
 ``label=None`` so that it is recorded, never silently lost.
@@ -35,6 +40,32 @@ DEFAULT_SYSTEM_PROMPT = (
 #: The user message; ``{text}`` is replaced by the transcript.
 DEFAULT_USER_TEMPLATE = "[sentence]: {text}"
 
+#: The reply budget of an *unconstrained* GPT-style endpoint (the reproducer's setting, papers.md §3.2):
+#: a chat model answers "Negative." in 1-3 tokens and 4 stops a chatty one early. Used when
+#: ``max_tokens`` is ``None`` and structured outputs are off.
+UNCONSTRAINED_MAX_TOKENS = 4
+#: The choice-constrained budget when the served tokenizer cannot be asked (no ``/tokenize`` endpoint).
+FALLBACK_CHOICE_MAX_TOKENS = 16
+
+
+def choice_token_budget(labels: Sequence[str], token_counts: dict[str, int] | None = None) -> int:
+    """A ``max_tokens`` that can never cut a choice-constrained reply.
+
+    Under a ``choice`` constraint the model may spell a label in *any* token sequence the grammar
+    accepts, not only the tokenizer's canonical one: a small or random model often writes
+    ``n`` + ``eu`` + ``tral`` although ``neutral`` is one token (measured with the test model: replies
+    cut to ``neutr`` at 4 tokens). Every token the grammar allows decodes to at least one byte, so the
+    UTF-8 length of the longest label bounds the reply; ``token_counts`` (the canonical counts from the
+    served tokenizer, when known) only ever raise it. One more token lets the model emit EOS, so the
+    reply ends with ``finish_reason="stop"``. Without ``token_counts`` the budget is at least
+    :data:`FALLBACK_CHOICE_MAX_TOKENS`.
+    """
+    if not labels:
+        raise ValueError("no labels")
+    longest = max(max(len(label.encode("utf-8")), (token_counts or {}).get(label, 0)) for label in labels)
+    budget = longest + 1
+    return budget if token_counts else max(budget, FALLBACK_CHOICE_MAX_TOKENS)
+
 
 class LLMServerError(RuntimeError):
     """The LLM endpoint cannot be used (down, wrong model name, bad request); the message says why."""
@@ -42,13 +73,19 @@ class LLMServerError(RuntimeError):
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """The labelling prompt and decoding settings. Everything that changes a reply enters :meth:`hash`."""
+    """The labelling prompt and decoding settings. Everything that changes a reply enters :meth:`hash`.
+
+    ``max_tokens=None`` (the default) means: with ``structured_outputs`` (a ``choice`` constraint),
+    enough tokens for the longest label (:func:`choice_token_budget`, resolved by the labeller against
+    the served tokenizer), so that no reply is ever cut; without it, :data:`UNCONSTRAINED_MAX_TOKENS`
+    (4, the GPT-style setting of the paper's reproducer). An explicit integer is used as given.
+    """
 
     system: str = DEFAULT_SYSTEM_PROMPT
     user: str = DEFAULT_USER_TEMPLATE
     labels: tuple[str, ...] = SENTIMENT_LABELS
     temperature: float = 0.0
-    max_tokens: int = 4
+    max_tokens: int | None = None
     structured_outputs: bool = True
 
     def __post_init__(self):
@@ -56,6 +93,16 @@ class PromptTemplate:
             raise ValueError(f"the user template must contain '{{text}}', got {self.user!r}")
         if len(set(self.labels)) != len(self.labels) or not self.labels:
             raise ValueError(f"labels must be distinct and non-empty, got {self.labels!r}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
+
+    def default_max_tokens(self, token_counts: dict[str, int] | None = None) -> int:
+        """The budget actually requested: ``max_tokens`` if set, else the default of the mode (see the class)."""
+        if self.max_tokens is not None:
+            return self.max_tokens
+        if self.structured_outputs:
+            return choice_token_budget(self.labels, token_counts)
+        return UNCONSTRAINED_MAX_TOKENS
 
     def messages(self, text: str) -> list[dict[str, str]]:
         """Chat messages for one transcript: the system prompt, then ``[sentence]: <text>``."""
@@ -163,6 +210,9 @@ class OpenAICompatibleLabeller:
         self.timeout = timeout
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.transport = transport
+        #: the ``max_tokens`` sent; resolved by :meth:`resolve_max_tokens` (or at the start of labelling)
+        self.max_tokens: int | None = self.prompt.max_tokens if self.prompt.max_tokens is not None else (
+            None if self.prompt.structured_outputs else UNCONSTRAINED_MAX_TOKENS)
 
     @property
     def name(self) -> str:
@@ -174,13 +224,57 @@ class OpenAICompatibleLabeller:
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
         return httpx.AsyncClient(timeout=self.timeout, limits=limits, headers=self.headers, transport=self.transport)
 
+    @property
+    def server_root(self) -> str:
+        """``base_url`` without its ``/v1`` suffix: where vLLM serves ``/tokenize``."""
+        return self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
+
+    async def label_token_counts(self, client) -> dict[str, int] | None:
+        """Canonical token counts of the labels from the server's ``POST /tokenize`` (vLLM), or ``None``.
+
+        ``None`` when the endpoint does not exist or does not answer as vLLM's does (another
+        OpenAI-compatible server); never an error: the budget then falls back to a safe constant.
+        """
+        import httpx
+
+        counts: dict[str, int] = {}
+        for label in self.prompt.labels:
+            try:
+                response = await client.post(
+                    f"{self.server_root}/tokenize",
+                    json={"model": self.model, "prompt": label, "add_special_tokens": False},
+                )
+                count = int(response.json()["count"]) if response.status_code == 200 else None
+            except (httpx.HTTPError, ValueError, KeyError, TypeError):
+                count = None
+            if count is None:
+                return None
+            counts[label] = count
+        return counts
+
+    async def resolve_max_tokens(self, client=None) -> int:
+        """Fix :attr:`max_tokens` (once): the prompt's value, else a budget no label can exceed."""
+        if self.max_tokens is None:
+            own_client = client is None
+            client = client or self._client()
+            try:
+                counts = await self.label_token_counts(client)
+            finally:
+                if own_client:
+                    await client.aclose()
+            self.max_tokens = self.prompt.default_max_tokens(counts)
+        return self.max_tokens
+
     def request_body(self, text: str) -> dict:
-        """The JSON body of one chat-completions request (temperature 0, at most 4 tokens, choice-constrained)."""
+        """The JSON body of one chat-completions request (temperature 0, choice-constrained, ``max_tokens``).
+
+        ``max_tokens`` is :attr:`max_tokens` once resolved; before that, the safe constant budget.
+        """
         body = {
             "model": self.model,
             "messages": self.prompt.messages(text),
             "temperature": self.prompt.temperature,
-            "max_tokens": self.prompt.max_tokens,
+            "max_tokens": self.max_tokens if self.max_tokens is not None else self.prompt.default_max_tokens(),
         }
         if self.prompt.structured_outputs:
             # vLLM >= 0.11 structured outputs; the older "guided_choice" key is silently ignored by vLLM.
@@ -289,6 +383,7 @@ class OpenAICompatibleLabeller:
         async with self._client() as client:
             if check:
                 await self.check(client)
+            await self.resolve_max_tokens(client)
 
             async def worker():
                 while True:
@@ -314,7 +409,14 @@ class OpenAICompatibleLabeller:
         asyncio.run(self.label_stream(items, on_result))
 
     def check_sync(self) -> None:
-        asyncio.run(self.check())
+        """Check the server and model (:meth:`check`), then fix the reply budget (:meth:`resolve_max_tokens`)."""
+
+        async def check_and_resolve():
+            async with self._client() as client:
+                await self.check(client)
+                await self.resolve_max_tokens(client)
+
+        asyncio.run(check_and_resolve())
 
 
 class _RowError(Exception):
@@ -346,8 +448,11 @@ class InProcessVLLMLabeller:
         kwargs = {"enforce_eager": True, **self.engine_kwargs}
         self._llm = LLM(model=self.model, **kwargs)
         structured = StructuredOutputsParams(choice=list(self.prompt.labels)) if self.prompt.structured_outputs else None
+        tokenizer = self._llm.get_tokenizer()
+        counts = {label: len(tokenizer.encode(label, add_special_tokens=False)) for label in self.prompt.labels}
+        self.max_tokens = self.prompt.default_max_tokens(counts)
         self._sampling = SamplingParams(
-            temperature=self.prompt.temperature, max_tokens=self.prompt.max_tokens, structured_outputs=structured
+            temperature=self.prompt.temperature, max_tokens=self.max_tokens, structured_outputs=structured
         )
 
     @property

@@ -327,7 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--system-prompt-file", help="read the system prompt from this file")
     llm.add_argument("--user-template", default=DEFAULT_USER_TEMPLATE, help="must contain {text}")
     llm.add_argument("--temperature", type=float, default=0.0)
-    llm.add_argument("--max-tokens", type=int, default=4)
+    llm.add_argument("--max-tokens", type=int, default=None,
+                     help="reply budget; default: with the structured-outputs choice, enough for the longest label "
+                          "under the served tokenizer (asked from vLLM's /tokenize, else 16), so no label is cut; "
+                          "with --no-structured-outputs, 4 (the GPT-style setting)")
     llm.add_argument("--no-structured-outputs", action="store_true",
                      help="do not send vLLM's structured_outputs choice constraint (for servers that reject it)")
     llm.add_argument("--inprocess-batch-size", type=int, default=64)
@@ -422,7 +425,8 @@ def run(args: argparse.Namespace) -> dict:
     for entry in (labels[row["id"]] for row in rows):
         key = entry.get("label") or ("failed" if entry.get("error") else "unparsed")
         counts[key] += 1
-    summary: dict[str, Any] = {"rows": len(rows), "counts": counts, "llm_model": labeller.name, "prompt_hash": prompt.hash()}
+    summary: dict[str, Any] = {"rows": len(rows), "counts": counts, "llm_model": labeller.name,
+                               "prompt_hash": prompt.hash(), "max_tokens": labeller.max_tokens}
     log(f"wrote {len(rows)} rows to {out}: {json.dumps(counts)}")
     if counts["failed"]:
         log(f"{counts['failed']} row(s) failed (see the llm_error column); rerun to try them again")

@@ -15,8 +15,10 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 DEFAULT_VENV = Path.home() / ".cache" / "merits-vllm-venv"
 
@@ -25,6 +27,15 @@ TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}<s>{{ message['role'] }}: {{ message['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant: {% endif %}"
 )
+
+
+def _terminate_with_parent() -> None:
+    """In the forked child (Linux): ask the kernel for SIGTERM when the parent process exits."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def vllm_python() -> Path | None:
@@ -43,11 +54,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def build_tiny_llama(directory: str | os.PathLike, seed: int = 0, hidden_size: int = 128, num_layers: int = 2) -> Path:
+def build_tiny_llama(directory: str | os.PathLike, seed: int = 0, hidden_size: int = 128, num_layers: int = 2,
+                     vocab_size: int = 512, extra_corpus: Sequence[str] = ()) -> Path:
     """Save a tiny random ``LlamaForCausalLM`` + a locally trained tokenizer (with a chat template).
 
-    The three sentiment words are single tokens, so a 4-token reply can hold any of them. Head size
-    64: vLLM's CPU attention kernels reject smaller heads (``hidden_size`` must be a multiple of 64).
+    The three sentiment words are single tokens of the tokenizer (a random model under a choice
+    constraint may still spell them in pieces: see :func:`merits.labelling.llm.choice_token_budget`).
+    Head size 64: vLLM's CPU attention kernels reject smaller heads (``hidden_size`` must be a multiple
+    of 64). ``vocab_size`` and ``extra_corpus`` (e.g. the transcripts to label) give a tokenizer that
+    compresses text about as a real LLM's does (~1.2 tokens per English word instead of ~3).
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -59,7 +74,7 @@ def build_tiny_llama(directory: str | os.PathLike, seed: int = 0, hidden_size: i
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=512,
+        vocab_size=vocab_size,
         special_tokens=["<s>", "</s>", "<pad>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
@@ -68,7 +83,7 @@ def build_tiny_llama(directory: str | os.PathLike, seed: int = 0, hidden_size: i
         "sentiment. Please give the sentiment and no extra text as output.",
         "[sentence]: this is a tiny test sentence about how people speak and feel",
         "positive", "negative", "neutral", "system", "user", "assistant",
-    ] * 50
+    ] * 50 + list(extra_corpus)
     tokenizer.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.chat_template = TINY_CHAT_TEMPLATE
@@ -82,7 +97,7 @@ def build_tiny_llama(directory: str | os.PathLike, seed: int = 0, hidden_size: i
         num_hidden_layers=num_layers,
         num_attention_heads=hidden_size // 64,
         num_key_value_heads=max(1, hidden_size // 128),
-        max_position_embeddings=512,
+        max_position_embeddings=1024,
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
@@ -130,14 +145,17 @@ class VLLMServer:
             "--model", str(self.model_dir), "--served-model-name", self.served_name,
             "--host", "127.0.0.1", "--port", str(self.port), "--enforce-eager", *self.extra_args,
         ]
-        self._log = open(self.log_path, "wb")
-        # a process group of its own, so that stop() ends the engine worker processes too
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self._log = open(self.log_path, "ab")  # appended: a restarted server keeps the earlier log
+        # a process group of its own, so that stop() ends the engine worker processes too; and SIGTERM when
+        # the starting process dies without stopping it (a test run killed by a timeout), so no server leaks
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True, preexec_fn=_terminate_with_parent)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            returncode = self.process.poll()
+            if returncode is not None:
                 self.stop()
-                raise RuntimeError(f"the vLLM server exited with code {self.process.returncode} at start-up; "
+                raise RuntimeError(f"the vLLM server exited with code {returncode} at start-up; "
                                    f"log: {self.log_path}\n{self.log_tail()}")
             try:
                 if httpx.get(f"{self.url}/models", timeout=2).status_code == 200:
@@ -168,6 +186,22 @@ class VLLMServer:
             except ProcessLookupError:
                 pass
         self._log.close()
+        self.process = None
+
+    def kill(self) -> None:
+        """Crash the server: SIGKILL its whole process group (API server and engine core) at once."""
+        if self.process is not None and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait(timeout=30)
+        self.stop()
+
+    def restart(self) -> "VLLMServer":
+        """Stop the server if it runs and start it again on the same port (clients keep their URL)."""
+        self.stop()
+        return self.start()
 
     def __enter__(self) -> "VLLMServer":
         return self.start()
