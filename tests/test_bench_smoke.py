@@ -1,0 +1,215 @@
+"""Smoke tests of the benchmark code paths (bench/): tiny sizes, no timing claims.
+
+They check that the reference re-implementations keep the reference quirks (no masking), that the
+baselines and FLOP counters compute what they say, and that every benchmark entry point runs end to
+end on tiny inputs with ``--quick`` / ``--no_record`` (nothing is written to bench/results.json).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench import baselines  # noqa: E402
+from bench import bench_accuracy, bench_extraction, bench_training  # noqa: E402
+from bench.reference import merits_l as ref_l  # noqa: E402
+from bench.reference import mister_e as ref_e  # noqa: E402
+
+torch.set_num_threads(1)
+SHARED = Path(os.environ.get("MERITS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def _tiny_batch(lengths=(5, 3), dim=16, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    convs = [{"audio": torch.randn(n, dim, generator=g), "text": torch.randn(n, dim, generator=g),
+              "labels": torch.randint(0, classes, (n,), generator=g)} for n in lengths]
+    return ref_e.pad_batch(convs)
+
+
+# ------------------------------------------------------------------------------------------ reference loops
+
+
+def test_reference_moe_trains_and_keeps_the_unmasked_padding_quirk():
+    torch.manual_seed(0)
+    model = ref_e.ReferenceAttentionMoE(input_dim=16, num_classes=4, hidden_dim=8, fusion_dim=12, num_blocks=1)
+    audio, text, labels = _tiny_batch()
+    assert labels[1, 3:].eq(-1).all() and audio[1, 3:].eq(0).all()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = [ref_e.train_step(model, optimizer, audio, text, labels) for _ in range(15)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    # the reference does not mask: changing what sits in the padding changes a real turn's output
+    model.eval()
+    with torch.no_grad():
+        base = model(audio, text)["logits"][1, :3]
+        noisy_audio = audio.clone()
+        noisy_audio[1, 3:] = 5.0
+        moved = model(noisy_audio, text)["logits"][1, :3]
+    assert not torch.allclose(base, moved)
+    pred, gold = ref_e.predict(model, audio, text, labels)
+    assert len(pred) == len(gold) == 8  # pads dropped before scoring
+
+
+def test_reference_losses_match_their_definitions():
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 0.0]]])
+    labels = torch.tensor([[0, -1]])
+    ce = torch.nn.functional.cross_entropy(logits[0, :1], labels[0, :1])
+    expected = (1 - torch.exp(-ce)) ** 3 * ce / 2  # pads count as zeros in the mean over B*T
+    assert torch.allclose(ref_e.focal_loss(logits, labels), expected)
+    # SupCon counts the padded rows (label -1) as a class of their own
+    a = torch.randn(1, 3, 4)
+    t = torch.randn(1, 3, 4)
+    with_pad = ref_e.supcon_loss(a, t, torch.tensor([[0, 1, -1]]))
+    relabelled = ref_e.supcon_loss(a, t, torch.tensor([[0, 1, 1]]))
+    assert not torch.allclose(with_pad, relabelled)
+
+
+def test_reference_stage2_softmax_runs_over_queries():
+    torch.manual_seed(0)
+    encoder = ref_l.ReferenceBiGRUSelfAttention(input_dim=6, hidden_dim=5, num_classes=3)
+    hidden = torch.randn(2, 4, 10)
+    # the quirk: softmax over dim=1 makes every key COLUMN of the attention sum to one
+    half = encoder.attention_forward(hidden[..., :5])
+    weights = torch.softmax(torch.bmm(half, half.transpose(1, 2)), dim=1)
+    assert torch.allclose(weights.sum(1), torch.ones(2, 4))
+    assert not torch.allclose(weights.sum(2), torch.ones(2, 4))
+    audio, text, labels = _tiny_batch(dim=6, classes=3)
+    model = ref_l.ReferenceMeritsL(6, 6, 3, text_hidden=5, audio_hidden=4, fusion_dim=12, fusion_blocks=1)
+    for stage in ("context", "fusion"):
+        optimizer = ref_l.make_optimizer(model, stage, lr=1e-2)
+        losses = [ref_l.train_step(model, optimizer, audio, text, labels, stage) for _ in range(10)]
+        assert losses[-1] < losses[0]
+    with pytest.raises(ValueError, match="unknown stage"):
+        model.stage_parameters("moe")
+
+
+# ------------------------------------------------------------------------------------------ baselines
+
+
+def test_tfidf_logreg_and_svm_on_separable_toys():
+    texts = ["i love this", "so happy today", "great fun", "i hate this", "so sad today", "awful pain"] * 3
+    labels = ["pos", "pos", "pos", "neg", "neg", "neg"] * 3
+    result = baselines.tfidf_logreg(texts, labels, texts[:6], labels[:6])
+    assert result["weighted_f1"] == 1.0 and result["C_selection"] == "tuned on dev"
+    with pytest.raises(ValueError, match="differ in length"):
+        baselines.tfidf_logreg(texts, labels[:-1], texts, labels)
+
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 30)
+    x = rng.standard_normal((60, 5)) + 3 * y[:, None]
+    speakers = np.repeat(["a", "b", "c"], 20)
+    svm = baselines.speaker_independent_svm(x, y, speakers)
+    assert svm["folds"] == 3 and svm["weighted_f1"] > 0.9 and len(svm["C_per_fold"].split(",")) == 3
+    with pytest.raises(ValueError, match="at least 2 speakers"):
+        baselines.speaker_independent_svm(x, y, ["a"] * 60)
+
+
+def test_mfcc_statistics_separate_tones():
+    t = np.arange(16000) / 16000
+    low = baselines.mfcc_statistics(np.sin(2 * np.pi * 200 * t))
+    high = baselines.mfcc_statistics(np.sin(2 * np.pi * 3000 * t))
+    assert low.shape == (6 * 20 + 4,) and np.isfinite(low).all()
+    assert np.abs(low - high).max() > 1.0
+    with pytest.raises(ValueError, match="mono"):
+        baselines.mfcc_statistics(np.zeros((2, 100)))
+
+
+# ------------------------------------------------------------------------------------------ bench_training
+
+
+def test_synthetic_conversations_and_length_grouping():
+    items = bench_training.synthetic_conversations(40, 8, seed=0)
+    lengths = [len(it["labels"]) for it in items]
+    assert min(lengths) >= 20 and max(lengths) <= 110 and 35 < np.mean(lengths) < 65
+    assert items[0]["text_embeds"].shape == (lengths[0], 8)
+    random_ratio = bench_training.padding_ratio(items, bench_training.random_batches(items, 8, 0))
+    grouped_ratio = bench_training.padding_ratio(items, bench_training.length_grouped_batches(items, 8, 0))
+    assert 1.0 <= grouped_ratio < random_ratio
+
+
+@pytest.mark.parametrize("system", ["mister-e", "merits-l"])
+@pytest.mark.parametrize("impl", ["reference", "ours"])
+def test_training_workers_run_in_process(system, impl):
+    ns = type("Args", (), dict(dim=16, hidden=4, fusion_dim=12, epochs=1, batch_size=4, seed=0, profile=False,
+                               threads=1))()
+    train = bench_training.synthetic_conversations(4, 16, seed=0, min_turns=3, max_turns=8, mean_turns=5)
+    validation = bench_training.synthetic_conversations(2, 16, seed=1, min_turns=3, max_turns=8, mean_turns=5)
+    run = bench_training.run_mister_e if system == "mister-e" else bench_training.run_merits_l
+    result = run(impl, train, validation, ns)
+    keys = ["train_utterances_per_second"] if system == "mister-e" else ["context_train_utterances_per_second", "fusion_train_utterances_per_second"]
+    for key in keys:
+        assert result[key] > 0
+    f1_keys = [k for k in result if k.endswith("weighted_f1")]
+    assert f1_keys and all(0.0 <= result[k] <= 1.0 for k in f1_keys)
+
+
+def test_training_driver_subprocess_quick():
+    args = type("Args", (), dict(dim=16, hidden=4, fusion_dim=12, epochs=1, batch_size=4, seed=0, profile=False,
+                                 threads=1, train_dialogues=3, validation_dialogues=2))()
+    result = bench_training.launch("mister-e", "reference", args)
+    assert result["peak_rss_mb"] >= result["rss_after_data_mb"] > 0
+
+
+# ------------------------------------------------------------------------------------------ bench_extraction
+
+
+def test_flop_counts_match_parameter_counts():
+    from transformers import RobertaConfig
+    from transformers.models.roberta.modeling_roberta import RobertaLayer
+
+    config = RobertaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4)
+    weights = sum(p.numel() for n, p in RobertaLayer(config).named_parameters() if n.endswith("weight") and p.dim() == 2)
+    assert weights == bench_extraction.transformer_layer_params(32, 64)
+    assert bench_extraction.transformer_flops([10], 1, 32, 64) == 2 * weights * 10 + 4 * 32 * 100
+    assert bench_extraction.wav2vec_frames(16000, (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2))[-1] == 49
+
+
+def test_extraction_quick_text_runs():
+    figures = bench_extraction.main(["--quick", "--no_record", "--modalities", "text", "--threads", "1"])
+    assert figures["text/naive_utterances_per_second"] > 0
+    assert figures["text/max_abs_diff_naive_vs_batched"] < 1e-3  # batching must not change the embeddings
+    assert 0 < figures["text/batched_fraction_of_matmul_peak"]
+
+
+# ------------------------------------------------------------------------------------------ bench_accuracy
+
+
+def test_stage_value_picks_the_named_stage():
+    results = {"validation_stage1_text_weighted_f1": 0.4, "validation_stage2_text_weighted_f1": 0.5,
+               "test_stage2_text_weighted_f1": 0.9, "validation_stage2_audio_weighted_f1": 0.3}
+    assert bench_accuracy.stage_value(results, ("stage1",)) == 0.4
+    assert bench_accuracy.stage_value(results, ("stage2",)) == 0.5
+    assert bench_accuracy.stage_value(results, ("stage2",), modality="audio") == 0.3
+    assert bench_accuracy.stage_value(results, ("stage3",)) is None
+
+
+def test_output_dir_prefers_a_given_trainer_run(tmp_path):
+    args = type("Args", (), dict(trainer_output=[f"meld={tmp_path / 'elsewhere'}"], work_dir=tmp_path / "work"))()
+    assert bench_accuracy.output_dir(args, "meld") == tmp_path / "elsewhere"
+    assert bench_accuracy.output_dir(args, "mosi") == tmp_path / "work" / "mosi"
+    args.trainer_output = ["meld"]
+    with pytest.raises(SystemExit, match="TASK=DIR"):
+        bench_accuracy.output_dir(args, "meld")
+
+
+def test_run_trainer_names_a_missing_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_such.yaml"):
+        bench_accuracy.run_trainer("configs/no_such.yaml", tmp_path / "out", [], tmp_path)
+
+
+def test_tfidf_on_real_mosi_slice():
+    if not (SHARED / "mosi" / "mosi_label.csv").is_file():
+        pytest.skip(f"{SHARED / 'mosi'} not found: set MERITS_SHARED_DATA to the shared data folder")
+    from merits.data.mosi import load_mosi
+
+    corpus = load_mosi(SHARED / "mosi", with_audio=False)
+    train, dev = corpus["train"].select(range(400)), corpus["validation"]
+    result = baselines.tfidf_logreg(train["text"], train["label"], dev["text"], dev["label"], C=1.0)
+    assert 0.5 < result["accuracy"] <= 1.0
