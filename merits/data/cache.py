@@ -16,6 +16,10 @@ so a rerun with the same encoder and data loads the saved dataset without runnin
 changed encoder (e.g. after Stage I training) recomputes it. Computation is resumable: utterances
 are sorted by length, batched, and written in chunks under ``cache_dir/<fingerprint>.partial/``; an
 interrupted run continues from the last finished chunk.
+
+A dataset with an ``audio_features`` column (precomputed speech-head inputs: acoustic statistics, CARE
+layer stacks) is embedded from that column (text tokenised by the processor's tokenizer) instead of
+decoding its audio.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import pyarrow as pa
 import torch
 
 from .audio import audio_duration, load_audio
+from .collate import FeatureCollator
 
 logger = logging.getLogger("merits.data")
 
@@ -106,15 +111,39 @@ def _list_column(matrix: np.ndarray, present: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float32()), mask=pa.array(~present))
 
 
+def _embed_batch(model, batch, accepted, takes_kwargs, device, num_rows: int, outputs: dict) -> None:
+    """``model.get_utterance_embeddings`` of one batch of 1-turn conversations, appended to ``outputs``."""
+    kwargs = {key: (value.to(device) if hasattr(value, "to") else value) for key, value in batch.items()
+              if key != "labels" and (takes_kwargs or key in accepted)}
+    with torch.inference_mode():
+        embeddings = model.get_utterance_embeddings(**kwargs)
+    for modality, mask_key in (("text", "text_mask"), ("audio", "audio_mask")):
+        value = embeddings.get(modality)
+        if value is None:
+            outputs[modality].append(None)
+            continue
+        present = batch[mask_key].reshape(-1).bool().cpu().numpy() if mask_key in batch else np.ones(num_rows, bool)
+        outputs[modality].append((value.float().cpu().numpy(), present))
+
+
 def _embed_split(model, processor, dataset, partial_dir: Path, batch_size: int, use_text: bool, use_audio: bool,
                  chunk_size: int, sampling_rate: int) -> datasets.Dataset:
-    columns = [c for c in ("text", "audio") if c in dataset.column_names and ((c == "text" and use_text) or (c == "audio" and use_audio))]
+    # precomputed speech-head inputs (an `audio_features` column: acoustic statistics, CARE layer stacks) are used
+    # as they are instead of decoding the audio again
+    precomputed = use_audio and "audio_features" in dataset.column_names
+    audio_column = "audio_features" if precomputed else "audio"
+    columns = [c for c in ("text", audio_column) if c in dataset.column_names and ((c == "text" and use_text) or (c == audio_column and use_audio))]
     if not columns:
         raise ValueError(f"nothing to embed: the dataset has columns {dataset.column_names} (use_text={use_text}, use_audio={use_audio})")
     inputs_view = dataset.select_columns(columns)
-    lengths = np.asarray([_length_key(inputs_view[i], use_text, use_audio) for i in range(len(dataset))])
+    if precomputed:
+        lengths = np.asarray([len(text or "") for text in inputs_view["text"]]) if "text" in columns else np.zeros(len(dataset))
+        collator = FeatureCollator(label_column=None, tokenizer=processor.tokenizer if use_text else None,
+                                   max_length=getattr(processor, "max_length", None))
+    else:
+        lengths = np.asarray([_length_key(inputs_view[i], use_text, use_audio) for i in range(len(dataset))])
     order = np.argsort(lengths, kind="stable")
-    dialogue_ids, turns_column = dataset["dialogue_id"], dataset["turn"]
+    dialogue_ids, turns_column = dataset["dialogue_id"][:], dataset["turn"][:]  # plain lists: no Arrow read per row
     accepted = set(inspect.signature(model.get_utterance_embeddings).parameters)
     takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(model.get_utterance_embeddings).parameters.values())
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
@@ -132,6 +161,17 @@ def _embed_split(model, processor, dataset, partial_dir: Path, batch_size: int, 
             for start in range(0, len(indices), batch_size):
                 batch_indices = indices[start : start + batch_size]
                 rows = inputs_view[batch_indices.tolist()]
+                if precomputed:
+                    conversations_ = []
+                    for position, index in enumerate(batch_indices):
+                        row = {key: rows[key][position] for key in columns}
+                        if not (row.get("text") or "").strip() and row.get("audio_features") is None:
+                            raise ValueError(f"row {int(index)} (dialogue {dialogue_ids[index]!r}, turn {turns_column[index]}): "
+                                             "nothing to embed (no text and no audio_features)")
+                        conversations_.append([dict(row, dialogue_id=dialogue_ids[index], turn=turns_column[index])])
+                    batch = collator(conversations_)
+                    _embed_batch(model, batch, accepted, takes_kwargs, device, len(batch_indices), outputs)
+                    continue
                 turns = []
                 for position, index in enumerate(batch_indices):
                     where = f"row {int(index)} (dialogue {dialogue_ids[index]!r}, turn {turns_column[index]})"
@@ -143,17 +183,7 @@ def _embed_split(model, processor, dataset, partial_dir: Path, batch_size: int, 
                         raise ValueError(f"{where}: nothing to embed (no text and no audio)")
                     turns.append([{"text": text if text and text.strip() else None, "audio": audio}])
                 batch = processor(conversations=turns, sampling_rate=sampling_rate, return_tensors="pt")
-                kwargs = {key: (value.to(device) if hasattr(value, "to") else value) for key, value in batch.items()
-                          if key != "labels" and (takes_kwargs or key in accepted)}
-                with torch.inference_mode():
-                    embeddings = model.get_utterance_embeddings(**kwargs)
-                for modality, mask_key in (("text", "text_mask"), ("audio", "audio_mask")):
-                    value = embeddings.get(modality)
-                    if value is None:
-                        outputs[modality].append(None)
-                        continue
-                    present = batch[mask_key].reshape(-1).bool().numpy() if mask_key in batch else np.ones(len(batch_indices), bool)
-                    outputs[modality].append((value.float().cpu().numpy(), present))
+                _embed_batch(model, batch, accepted, takes_kwargs, device, len(batch_indices), outputs)
             arrays = {"indices": indices}
             for modality in ("text", "audio"):
                 parts = outputs[modality]

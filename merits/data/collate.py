@@ -104,14 +104,23 @@ class FeatureCollator:
     floats, or None when the turn lacks that modality). Turns are padded to the longest conversation;
     padding is zero with mask 0 and label -100.
 
+    With a ``tokenizer``, the rows' ``text`` is tokenised too (``input_ids`` / ``attention_mask`` [N, L] over
+    the N real turns, row-major, an empty string where a turn has no text; ``text_mask`` = turns with text):
+    the Stage I batch of a text encoder next to a speech head on precomputed ``audio_features``.
+
     Args:
         label2id: maps string labels to ids (feature datasets may store label names).
         label_column: the row key holding the label (None: no ``labels`` in the batch).
+        tokenizer: optional text tokenizer (e.g. ``processor.tokenizer``) for the rows' ``text``.
+        max_length: token limit per utterance with ``tokenizer`` (default: its ``model_max_length``, at most 512).
     """
 
-    def __init__(self, label2id: dict | None = None, label_column: str | None = "label"):
+    def __init__(self, label2id: dict | None = None, label_column: str | None = "label", tokenizer=None,
+                 max_length: int | None = None):
         self.label2id = label2id
         self.label_column = label_column
+        self.tokenizer = tokenizer
+        self.max_length = max_length
 
     def __call__(self, batch: list[list[dict]]) -> dict[str, torch.Tensor]:
         if not batch or any(len(conversation) == 0 for conversation in batch):
@@ -144,6 +153,8 @@ class FeatureCollator:
             output[mask_name] = torch.maximum(output[mask_name], mask) if mask_name in output else mask
         for b, conversation in enumerate(batch):
             turn_mask[b, : len(conversation)] = 1
+        if self.tokenizer is not None:
+            output.update(self._tokenize(batch, batch_size, max_turns))
         if self.label_column is not None:
             labels = torch.full((batch_size, max_turns), IGNORE_INDEX, dtype=torch.long)
             for b, conversation in enumerate(batch):
@@ -152,6 +163,22 @@ class FeatureCollator:
                     labels[b, t] = _label_id(row.get(self.label_column), self.label2id, where)
             output["labels"] = labels
         return output
+
+
+    def _tokenize(self, batch: list[list[dict]], batch_size: int, max_turns: int) -> dict[str, torch.Tensor]:
+        texts, text_mask = [], torch.zeros(batch_size, max_turns, dtype=torch.long)
+        for b, conversation in enumerate(batch):
+            for t, row in enumerate(conversation):
+                text = row.get("text") or ""
+                if not isinstance(text, str):
+                    raise ValueError(f"conversation {row.get('dialogue_id', b)!r}, turn {row.get('turn', t)}: text must be a str")
+                texts.append(text if text.strip() else "")
+                text_mask[b, t] = int(bool(text.strip()))
+        max_length = self.max_length or min(int(getattr(self.tokenizer, "model_max_length", 512) or 512), 512)
+        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_attention_mask=True,
+                                 return_tensors="pt")
+        return {"input_ids": encoded["input_ids"].long(), "attention_mask": encoded["attention_mask"].long(),
+                "text_mask": text_mask}
 
 
 class ConversationCollator:

@@ -81,6 +81,7 @@ class TrainingArguments:
     resume: bool = False  # continue the run in output_dir from its last checkpoint
     seed: int = 42
     mixed_precision: str = "no"  # "no" | "bf16"
+    torch_num_threads: Optional[int] = None  # intra-op CPU threads per process (None: torch's default); 1 suits tiny models
     checkpointing_steps: int = 200  # accelerator.save_state every N optimiser steps (and at every epoch end)
     logging_steps: int = 10
     report_to: str = "tensorboard"  # "tensorboard" | "none"
@@ -124,6 +125,11 @@ class TrainingArguments:
     audio_model_name_or_path: Optional[str] = None  # pretrained frozen speech backbone (e.g. a WavLM/CARE folder)
     audio_config: Optional[dict] = None  # speech backbone config (random init; tests)
     audio_features: Optional[str] = "acoustic"  # "acoustic": speech head on MeritsAcousticFeatureExtractor statistics
+
+    # --- leave-one-speaker-out model selection (corpora with no validation split, e.g. EmoDB) ---
+    speaker_folds: bool = False  # stage I speech head: every speaker held out once (test), the next one validates
+    speaker_column: str = "speaker"
+    fold_candidates: Optional[list] = None  # settings compared on the folds: mappings of options ({"utterance.learning_rate": 1e-3})
 
     # --- stages ---
     pretrain: StageArguments = field(default_factory=lambda: _stage(num_epochs=10, learning_rate=2e-5, warmup_ratio=0.1))
@@ -177,6 +183,16 @@ class TrainingArguments:
             raise ConfigError(f"{where}: feature-only training needs --architecture merits-l or mister-e")
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError(f"{where}: --push_to_hub needs --hub_model_id")
+        if self.speaker_folds:
+            if self.architecture == "both" or self.train_features is not None:
+                raise ConfigError(f"{where}: speaker_folds needs one architecture (merits-l or mister-e) and a corpus, not --train_features")
+            if self.stages not in (None, ["utterance"]) or list(self.modalities) != ["audio"]:
+                raise ConfigError(f"{where}: speaker_folds trains the stage I speech head only (modalities: [audio], stages: [utterance])")
+            for index, candidate in enumerate(self.fold_candidates or []):
+                if not isinstance(candidate, dict):
+                    raise ConfigError(f"{where}: fold_candidates[{index}] must be a mapping of options, got {candidate!r}")
+        if self.torch_num_threads is not None and self.torch_num_threads <= 0:
+            raise ConfigError(f"{where}: torch_num_threads must be positive, got {self.torch_num_threads}")
         if self.checkpointing_steps <= 0:
             raise ConfigError(f"{where}: checkpointing_steps must be positive")
         for name in ("pretrain", "utterance", "context", "fusion", "moe"):
@@ -206,6 +222,18 @@ _PATH_KEYS = (
     "text_model_name_or_path",
     "audio_model_name_or_path",
 )
+
+
+# keys that take a Hub model id ("roberta-large", "Qwen/Qwen2.5-7B") as well as a local folder
+_HUB_ID_KEYS = ("tokenizer_name_or_path", "text_model_name_or_path", "audio_model_name_or_path")
+
+
+def _is_hub_id(value: str, base: Path) -> bool:
+    """``roberta-large`` / ``org/name`` that is not an existing local folder: kept as given, never made a path."""
+    text = str(value)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or (base / text).exists():
+        return False
+    return True
 
 
 def resolve_path(value: str | None, base: Path = REPO_ROOT) -> str | None:
@@ -308,7 +336,7 @@ def _apply(args: TrainingArguments, key: str, value: Any, source: str, base: Pat
         setattr(args, head, current)
         return
     value = _coerce(value, tp, key, source)
-    if head in _PATH_KEYS and value is not None:
+    if head in _PATH_KEYS and value is not None and not (head in _HUB_ID_KEYS and _is_hub_id(value, base)):
         value = resolve_path(value, base)
     setattr(args, head, value)
 

@@ -55,7 +55,8 @@ def _comparable(options: dict) -> dict:
     return {k: v for k, v in options.items() if k not in _RESUME_FREE_KEYS}
 
 
-def prepare_output_dir(output_dir: str | Path, options: dict, resume: bool, overwrite: bool, is_main_process: bool) -> bool:
+def prepare_output_dir(output_dir: str | Path, options: dict, resume: bool, overwrite: bool, is_main_process: bool,
+                       barrier=None) -> bool:
     """Apply the output-folder policy; returns True when an earlier run is being resumed.
 
     - empty or missing folder: a new run.
@@ -63,8 +64,9 @@ def prepare_output_dir(output_dir: str | Path, options: dict, resume: bool, over
       otherwise :class:`OutputDirError`.
     - a non-empty folder that is not a merits run is never deleted.
 
-    Every process calls this (the checks only read); only the main process writes or deletes. Call
-    ``accelerator.wait_for_everyone()`` afterwards.
+    Every process calls this (the checks only read); only the main process writes or deletes. ``barrier``
+    (e.g. ``PartialState().wait_for_everyone``) is called by every process after its checks and before the main
+    process writes, so no process reads the folder the main process is writing into. Call it once more afterwards.
     """
     output_dir = Path(output_dir)
     config_file = output_dir / RUN_CONFIG
@@ -84,6 +86,8 @@ def prepare_output_dir(output_dir: str | Path, options: dict, resume: bool, over
                     f"{output_dir}: cannot resume, the options differ from the run in this folder ({detail}). "
                     "Resume with the same options, or start afresh with --overwrite_output_dir."
                 )
+            if barrier is not None:
+                barrier()
             return True
     if has_content:
         if not overwrite:
@@ -96,6 +100,9 @@ def prepare_output_dir(output_dir: str | Path, options: dict, resume: bool, over
                 f"{output_dir} is not empty and is not a merits run ({RUN_CONFIG} is missing): refusing to delete it "
                 "even with --overwrite_output_dir. Choose another --output_dir."
             )
+    if barrier is not None:
+        barrier()  # every process has checked the folder as it was; now the main process may change it
+    if has_content:
         if is_main_process:
             for child in output_dir.iterdir():
                 if child.is_dir() and not child.is_symlink():

@@ -78,6 +78,8 @@ class StagePlan:
     collate_fn: Callable
     arguments: StageArguments
     label_names: list = field(default_factory=list)
+    # called with the model right after `model.freeze_for_stage(stage)`, to freeze more (LoRA: the backbone's own weights)
+    after_freeze: Callable | None = None
 
 
 class EpochShuffleSampler(Sampler):
@@ -111,7 +113,9 @@ def build_optimizer(params, arguments: StageArguments) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if not params:
         raise RuntimeError("the stage has no trainable parameter (check freeze_for_stage and the modalities)")
-    kwargs = dict(lr=arguments.learning_rate, betas=(arguments.adam_beta1, arguments.adam_beta2), eps=arguments.adam_epsilon)
+    # foreach: one multi-tensor update instead of a Python loop over the (many, small) parameter tensors
+    kwargs = dict(lr=arguments.learning_rate, betas=(arguments.adam_beta1, arguments.adam_beta2), eps=arguments.adam_epsilon,
+                  foreach=True)
     if arguments.optimizer == "adam":
         return torch.optim.Adam(params, weight_decay=arguments.weight_decay, **kwargs)
     return torch.optim.AdamW(params, weight_decay=arguments.weight_decay, **kwargs)
@@ -223,6 +227,8 @@ def run_stage(model: torch.nn.Module, plan: StagePlan, run_args, run_dir: Path, 
 
     set_seed(run_args.seed)
     model.freeze_for_stage(plan.stage)
+    if plan.after_freeze is not None:
+        plan.after_freeze(model)
     model.train()
 
     processes = accelerator.num_processes

@@ -7,21 +7,32 @@
 * **stage I** (``utterance``): the text encoder and the speech head, each utterance alone (the batch
   counts utterances); the text encoder of the best *text* epoch and the speech head of the best *speech*
   epoch are kept;
-* the **embedding cache**: every utterance through the selected stage-I encoders, grouped back into
-  conversations;
+* the **embedding cache** (:func:`merits.data.build_embedding_cache`, fingerprinted and resumable): every
+  utterance through the selected stage-I encoders, grouped back into conversations;
 * **stage II** (``context``, MERITS-L): a context encoder per modality on the cached embeddings;
 * **stage III** (``fusion``, MERITS-L): co-attention fusion on the stage II features (or
   ``context+fusion`` jointly, the ablation);
 * **MoE** (``moe``, MiSTER-E): both experts, the cross-modal expert and the gate jointly;
 
 then writes ``all_results.json``, confusion matrices, and ``best/`` (a Hub folder).
+
+Data path: a corpus stays a ``datasets.Dataset`` per split. The acoustic speech head's inputs are computed once
+and added as an ``audio_features`` column; stage 0/I batches come from :class:`merits.data.FeatureCollator`
+(text tokenised per batch, speech statistics precomputed) or, for a speech backbone on waveforms, from
+:class:`merits.data.ConversationCollator`; stages II/III and the MoE batch the cached feature datasets with
+:class:`merits.data.FeatureCollator`.
+
+Bad input: an empty train/validation split, NaN/inf in features (the error names the dialogue and turn) and a
+label name unknown to the training split are errors (:class:`DataError`); a class of the label set that has
+no training example but occurs in validation/test is a warning (:class:`UnseenLabelWarning`), because the
+metrics stay well defined (those turns count as errors).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.collate import ConversationCollator, FeatureCollator, conversation_indices, conversations
+from ..data.schema import DataFormatError
 from .arguments import TrainingArguments
 from .checkpointing import prepare_output_dir
 from .loop import IGNORE_INDEX, Head, StagePlan, run_stage
@@ -52,36 +65,20 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: corpora -> conversations of turns
+# Data: corpora as datasets of utterance rows (merits.data.schema)
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Corpus:
-    """Conversations per split: each a list of turn dicts (text, audio value, label id)."""
+    """The configured corpus: a ``datasets.Dataset`` of utterance rows per split (docs/design.md section 4)."""
 
-    splits: dict  # split -> list[list[dict]]
+    splits: dict  # split -> datasets.Dataset
     label_names: list
     name: str
     has_audio: bool
 
 
-def _group(dataset, split_name: str, source: str) -> list[list[dict]]:
-    """Rows of a schema dataset (merits.data.schema) -> conversations ordered by turn."""
-    order: dict[Any, list] = {}
-    columns = dataset.column_names
-    for index in range(len(dataset)):
-        row = dataset[index]
-        key = row["dialogue_id"]
-        order.setdefault(key, []).append(
-            {
-                "dialogue_id": key,
-                "turn": int(row["turn"]),
-                "text": row.get("text") or "",
-                "audio": row.get("audio") if "audio" in columns else None,
-                "label": int(row["label"]) if row["label"] is not None and int(row["label"]) >= 0 else IGNORE_INDEX,
-                "where": f"{source} [{split_name}] dialogue {key!r} turn {row['turn']}",
-            }
-        )
-    return [sorted(turns, key=lambda t: t["turn"]) for turns in order.values()]
+def _where(source: str, split: str, dialogue, turn) -> str:
+    return f"{source} [{split}] dialogue {dialogue!r} turn {turn}"
 
 
 def _pseudo_label_corpus(path: str, seed: int) -> "datasets.DatasetDict":
@@ -101,18 +98,25 @@ def _pseudo_label_corpus(path: str, seed: int) -> "datasets.DatasetDict":
         for column in ("id", "text", "label"):
             if column not in ds.column_names:
                 raise DataError(f"{path} [{split}]: column {column!r} is missing (have {ds.column_names})")
-        labels = []
-        for row_index, label in enumerate(ds["label"]):
+        keep, labels = [], []
+        for row_index, label in enumerate(ds["label"][:]):
+            if label is None or (isinstance(label, int) and label < 0):
+                continue  # the LLM's reply named no class (papers.md §6 #4: dropped)
             name = ds.features["label"].int2str(label) if hasattr(ds.features["label"], "int2str") else str(label).strip().lower()
             if name not in PSEUDO_LABELS:
-                raise DataError(f"{path} [{split}] row {row_index}: label {label!r} is not one of {PSEUDO_LABELS}")
+                raise DataError(f"{path} [{split}] row {row_index} (id {ds[row_index]['id']!r}): label {label!r} is not one of {PSEUDO_LABELS}")
+            keep.append(row_index)
             labels.append(PSEUDO_LABELS.index(name))
+        if len(keep) < len(ds):
+            logger.info("%s [%s]: %d of %d rows have no pseudo-label (unparseable LLM reply) and are left out",
+                        path, split, len(ds) - len(keep), len(ds))
+        ids, texts = ds["id"][:], ds["text"][:]
         out[split] = datasets.Dataset.from_dict(
             {
-                "dialogue_id": [str(i) for i in ds["id"]],
-                "turn": [0] * len(ds),
-                "text": [t or "" for t in ds["text"]],
-                "audio": [None] * len(ds),
+                "dialogue_id": [str(ids[i]) for i in keep],
+                "turn": [0] * len(keep),
+                "text": [texts[i] or "" for i in keep],
+                "audio": [None] * len(keep),
                 "label": labels,
             },
             features=features,
@@ -124,8 +128,16 @@ def _pseudo_label_corpus(path: str, seed: int) -> "datasets.DatasetDict":
     return dsd
 
 
-def load_corpus(args: TrainingArguments) -> Corpus:
-    """The configured corpus as conversations (demo / meld / mosi / iemocap / emodb / msp_podcast / pseudo_labels)."""
+def _first_dialogues(dataset, limit: int | None):
+    """The rows of the first ``limit`` conversations (quick runs), in the dataset's row order."""
+    if limit is None:
+        return dataset
+    groups = conversation_indices(dataset)[:limit]
+    return dataset.select(sorted(index for _, rows in groups for index in rows))
+
+
+def load_corpus(args: TrainingArguments, require_validation: bool = True) -> Corpus:
+    """The configured corpus (demo / meld / mosi / iemocap / emodb / msp_podcast / pseudo_labels) as datasets per split."""
     import datasets
 
     name = args.dataset
@@ -149,42 +161,160 @@ def load_corpus(args: TrainingArguments) -> Corpus:
         dsd = loader(args.data_dir, **options)
     if not isinstance(dsd, datasets.DatasetDict):
         raise DataError(f"dataset {name!r}: the loader returned {type(dsd).__name__}, expected a DatasetDict")
+    if "train" not in dsd:
+        raise DataError(f"dataset {name!r}: there is no train split (splits: {list(dsd)})")
     label_names = list(dsd["train"].features["label"].names)
     splits = {}
     for split in ("train", "validation", "test"):
         if split in dsd:
-            conversations = _group(dsd[split], split, args.data_dir or name)
             limit = args.max_train_dialogues if split == "train" else args.max_eval_dialogues
-            if limit is not None:
-                conversations = conversations[:limit]
-            splits[split] = conversations
-    for split in ("train", "validation"):
-        if not splits.get(split):
-            raise DataError(f"dataset {name!r}: the {split} split is missing or empty")
-    _check_labels(splits, label_names, name)
-    has_audio = any(turn["audio"] is not None for conv in splits["train"] for turn in conv)
+            splits[split] = _first_dialogues(dsd[split], limit)
+    for split in ("train", "validation") if require_validation else ("train",):
+        if split not in splits or len(splits[split]) == 0:
+            raise DataError(f"dataset {name!r} ({args.data_dir or 'built-in'}): the {split} split is missing or empty")
+    if "test" in splits and len(splits["test"]) == 0:
+        del splits["test"]
+    _check_labels(splits, label_names, args.data_dir or name)
+    has_audio = False
+    if "audio" in splits["train"].column_names:  # an Arrow null count: no audio is decoded here
+        audio = splits["train"].select_columns(["audio"]).with_format("arrow")[:].column("audio")
+        has_audio = audio.null_count < len(audio)
     return Corpus(splits=splits, label_names=label_names, name=name, has_audio=has_audio)
 
 
 def _check_labels(splits: dict, label_names: list, source: str) -> None:
-    seen = {turn["label"] for conv in splits["train"] for turn in conv if turn["label"] != IGNORE_INDEX}
+    """Training needs labelled turns. A validation/test label that never occurs in training is a *warning*: the
+    class exists (the corpus' label set) but the model never saw it, so every such turn will count as an error;
+    it names the first such dialogue and turn."""
+    train_labels = np.asarray(splits["train"]["label"][:])
+    seen = set(int(v) for v in train_labels[train_labels >= 0])
+    if not seen:
+        raise DataError(f"{source} [train]: the training split has no labelled turn")
+    for split in ("validation", "test"):
+        if split not in splits:
+            continue
+        labels = np.asarray(splits[split]["label"][:])
+        unseen = [(i, int(v)) for i, v in enumerate(labels) if v >= 0 and int(v) not in seen]
+        if unseen:
+            first, value = unseen[0]
+            row = splits[split][first]
+            names = sorted({label_names[v] for _, v in unseen})
+            message = (
+                f"{_where(source, split, row['dialogue_id'], row['turn'])}: label {label_names[value]!r} never occurs in "
+                f"the training split ({len(unseen)} {split} turns with labels {names}); the model cannot predict them, "
+                "so they count as errors"
+            )
+            logger.warning(message)
+            warnings.warn(message, UnseenLabelWarning, stacklevel=2)
+
+
+class UnseenLabelWarning(UserWarning):
+    """A validation or test label never occurs in the training split."""
+
+
+def _check_feature_labels(features: dict, label_names: list, source: str) -> None:
+    """:func:`_check_labels` for feature datasets (conversations of rows with label ids)."""
+    seen = {row["label"] for conversation in features["train"] for row in conversation if row["label"] >= 0}
     if not seen:
         raise DataError(f"{source}: the training split has no labelled turn")
     for split in ("validation", "test"):
-        for conv in splits.get(split) or []:
-            for turn in conv:
-                if turn["label"] != IGNORE_INDEX and turn["label"] not in seen:
-                    raise DataError(
-                        f"{turn['where']}: label {label_names[turn['label']]!r} never occurs in the training split; "
-                        "a model cannot learn it (drop it or fix the split)"
-                    )
+        unseen = [row for conversation in features.get(split) or [] for row in conversation
+                  if row["label"] >= 0 and row["label"] not in seen]
+        if unseen:
+            first = unseen[0]
+            message = (
+                f"{source} [{split}] dialogue {first['dialogue_id']!r} turn {first['turn']}: label "
+                f"{label_names[first['label']]!r} never occurs in the training split ({len(unseen)} {split} turns with "
+                f"labels {sorted({label_names[r['label']] for r in unseen})}); the model cannot predict them, so they "
+                "count as errors"
+            )
+            logger.warning(message)
+            warnings.warn(message, UnseenLabelWarning, stacklevel=2)
+
+
+def utterance_items(dataset, columns: list[str]) -> list[list[dict]]:
+    """Every utterance of ``dataset`` as a 1-turn conversation (stage 0/I batches count utterances)."""
+    columns = [c for c in columns if c in dataset.column_names]
+    items = []
+    for conversation in conversations(dataset, columns):
+        for row in conversation:
+            if row.get("audio_features") is not None:  # float32 once here, not in every batch of every epoch
+                row["audio_features"] = np.asarray(row["audio_features"], dtype=np.float32)
+            items.append([row])
+    return items
 
 
 # ----------------------------------------------------------------------------------------------
-# Feature datasets (api.md section 5)
+# Feature datasets (api.md section 5): --train_features and the embedding cache
 # ----------------------------------------------------------------------------------------------
-def load_feature_split(path: str, label_names: list | None = None) -> tuple[list[dict], list]:
-    """A feature dataset folder (save_to_disk) or parquet file -> conversation items and the label names."""
+def _embedding_matrix(dataset, column: str, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """A ``list<float>`` column as ``[N, D]`` float32 (zeros where null) and its presence mask, checked for
+    empty vectors, differing sizes and NaN/inf (the error names the row's dialogue and turn)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = dataset.data.table if dataset._indices is None else dataset.flatten_indices().data.table
+    array = table.column(column).combine_chunks()
+    if not pa.types.is_list(array.type) and not pa.types.is_large_list(array.type) and not pa.types.is_fixed_size_list(array.type):
+        raise DataError(f"{source}: column {column!r} must hold lists of floats, found {array.type}")
+    present = ~np.asarray(array.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    lengths = np.asarray(pc.list_value_length(array).fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+    def where(row: int) -> str:
+        return f"{source} row {row} (dialogue {dataset[row]['dialogue_id']!r}, turn {dataset[row]['turn']})"
+
+    if not present.any():
+        return np.zeros((len(dataset), 0), np.float32), present
+    empty = np.nonzero(present & (lengths == 0))[0]
+    if empty.size:
+        raise DataError(f"{where(int(empty[0]))}: {column} is an empty list")
+    dim = int(lengths[present][0])
+    differing = np.nonzero(present & (lengths != dim))[0]
+    if differing.size:
+        raise DataError(f"{where(int(differing[0]))}: {column} has {lengths[differing[0]]} values, earlier rows have {dim}")
+    values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.float32)
+    parents = pc.list_parent_indices(array).to_numpy(zero_copy_only=False)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise DataError(f"{where(int(parents[np.argmax(bad)]))}: {column} holds NaN or inf")
+    matrix = np.zeros((len(dataset), dim), np.float32)
+    matrix[present] = values.reshape(-1, dim)
+    return matrix, present
+
+
+def feature_conversations(dataset, source: str, label_ids: list[int] | None = None) -> list[list[dict]]:
+    """A feature dataset -> conversations of rows (``dialogue_id``, ``turn``, ``label``, ``text_embeds`` /
+    ``audio_embeds`` as numpy rows or None), read once into memory for :class:`merits.data.FeatureCollator`.
+
+    ``label_ids`` replaces the ``label`` column (ids in the training label order)."""
+    matrices = {column: _embedding_matrix(dataset, column, source) for column in ("text_embeds", "audio_embeds")
+                if column in dataset.column_names}
+    # plain lists (one Arrow read each): indexing a datasets Column row by row re-reads the table every time
+    columns = dataset.select_columns(["dialogue_id", "turn", "label"]).to_dict()
+    labels = label_ids if label_ids is not None else columns["label"]
+    try:
+        groups = conversation_indices(dataset)
+    except DataFormatError as error:
+        raise DataError(f"{source}: {error}") from None
+    dialogue_ids, turns = columns["dialogue_id"], columns["turn"]
+    result = []
+    for _, rows in groups:
+        conversation = []
+        for row in rows:
+            item = {"dialogue_id": dialogue_ids[row], "turn": int(turns[row]), "label": labels[row]}
+            for column, (matrix, present) in matrices.items():
+                item[column] = matrix[row] if present[row] else None
+            conversation.append(item)
+        result.append(conversation)
+    return result
+
+
+def load_feature_split(path: str, label_names: list | None = None) -> tuple[list[list[dict]], list]:
+    """A feature dataset folder (save_to_disk) or parquet file -> its conversations and the label names.
+
+    With ``label_names`` (the training split's), a label outside them is an error naming the row; without, the
+    names come from the ``label`` ClassLabel, else from the sorted distinct values.
+    """
     import datasets
 
     source = Path(path)
@@ -197,141 +327,46 @@ def load_feature_split(path: str, label_names: list | None = None) -> tuple[list
             ds = datasets.load_from_disk(str(source))
     except (IndexError, ValueError, FileNotFoundError) as error:
         raise DataError(f"{path}: cannot read the feature dataset (empty or not a datasets folder): {error!r}") from error
-    if not (source.is_file() or source.suffix == ".parquet"):
-        if isinstance(ds, datasets.DatasetDict):
-            raise DataError(f"{path}: expected one split (a Dataset), found a DatasetDict with {list(ds)}")
+    if isinstance(ds, datasets.DatasetDict):
+        raise DataError(f"{path}: expected one split (a Dataset), found a DatasetDict with {list(ds)}")
     if len(ds) == 0:
         raise DataError(f"{path}: the feature dataset is empty")
     for column in ("dialogue_id", "turn", "label"):
         if column not in ds.column_names:
             raise DataError(f"{path}: column {column!r} is missing (have {ds.column_names})")
-    modalities = [m for m in ("text_embeds", "audio_embeds") if m in ds.column_names]
-    if not modalities:
+    if not any(m in ds.column_names for m in ("text_embeds", "audio_embeds")):
         raise DataError(f"{path}: neither text_embeds nor audio_embeds is present")
     feature = ds.features["label"]
+    raw = ds["label"][:]
+
+    def name_of(value):
+        if value is None or (isinstance(value, int) and value < 0):
+            return None
+        return feature.names[value] if hasattr(feature, "names") else str(value)
+
     if label_names is None:
         if hasattr(feature, "names"):
             label_names = list(feature.names)
         else:
-            values = sorted({v for v in ds["label"] if v is not None and not (isinstance(v, int) and v < 0)}, key=str)
-            label_names = [str(v) for v in values]
-    by_dialogue: dict[Any, list] = {}
-    for index in range(len(ds)):
-        row = ds[index]
-        where = f"{path} row {index} (dialogue {row['dialogue_id']!r}, turn {row['turn']})"
-        label = row["label"]
-        if label is None or (isinstance(label, int) and label < 0):
-            label_id = IGNORE_INDEX
-        elif hasattr(feature, "names"):
-            label_id = label_names.index(feature.names[label]) if feature.names[label] in label_names else None
+            label_names = sorted({name_of(v) for v in raw if name_of(v) is not None})
+    index = {name: i for i, name in enumerate(label_names)}
+    ids = []
+    for row, value in enumerate(raw):
+        name = name_of(value)
+        if name is None:
+            ids.append(IGNORE_INDEX)
+        elif name not in index:
+            raise DataError(
+                f"{path} row {row} (dialogue {ds[row]['dialogue_id']!r}, turn {ds[row]['turn']}): label {value!r} is "
+                f"unknown to the training split (labels {label_names})"
+            )
         else:
-            label_id = label_names.index(str(label)) if str(label) in label_names else None
-        if label_id is None:
-            raise DataError(f"{where}: label {label!r} is unknown to the training split (labels {label_names})")
-        turn = {"turn": int(row["turn"]), "label": label_id}
-        for modality in modalities:
-            value = row[modality]
-            if value is None:
-                turn[modality] = None
-                continue
-            array = np.asarray(value, dtype=np.float32)
-            if array.ndim != 1 or array.size == 0:
-                raise DataError(f"{where}: {modality} must be a non-empty list of floats, got shape {array.shape}")
-            if not np.isfinite(array).all():
-                raise DataError(f"{where}: {modality} holds NaN or inf")
-            turn[modality] = array
-        by_dialogue.setdefault(row["dialogue_id"], []).append(turn)
-    items = []
-    for dialogue, turns in by_dialogue.items():
-        turns.sort(key=lambda t: t["turn"])
-        if len({t["turn"] for t in turns}) != len(turns):
-            raise DataError(f"{path}: dialogue {dialogue!r} has the same turn number twice")
-        item = {"labels": np.array([t["label"] for t in turns], dtype=np.int64)}
-        for modality in modalities:
-            dims = {t[modality].shape[0] for t in turns if t[modality] is not None}
-            if len(dims) > 1:
-                raise DataError(f"{path}: dialogue {dialogue!r}: {modality} sizes differ between turns ({sorted(dims)})")
-            if not dims:
-                continue
-            dim = dims.pop()
-            item[modality] = np.stack([t[modality] if t[modality] is not None else np.zeros(dim, np.float32) for t in turns])
-            item[modality.replace("_embeds", "_mask")] = np.array([t[modality] is not None for t in turns], dtype=np.int64)
-        items.append(item)
-    return items, label_names
+            ids.append(index[name])
+    return feature_conversations(ds, path, ids), label_names
 
 
 # ----------------------------------------------------------------------------------------------
-# Collation
-# ----------------------------------------------------------------------------------------------
-class UtteranceCollator:
-    """Items of stage 0/I (one turn each, or whole conversations) -> a model batch (design.md section 2).
-
-    Text is tokenised here; speech comes as precomputed ``audio_features`` (acoustic statistics).
-    """
-
-    def __init__(self, tokenizer, max_length: int, use_text: bool, use_audio: bool):
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.use_text = use_text
-        self.use_audio = use_audio
-
-    def __call__(self, conversations: list[list[dict]]) -> dict[str, torch.Tensor]:
-        batch_size, max_turns = len(conversations), max(len(c) for c in conversations)
-        turn_mask = torch.zeros(batch_size, max_turns, dtype=torch.long)
-        text_mask = torch.zeros_like(turn_mask)
-        audio_mask = torch.zeros_like(turn_mask)
-        labels = torch.full((batch_size, max_turns), IGNORE_INDEX, dtype=torch.long)
-        texts, features = [], None
-        for b, conversation in enumerate(conversations):
-            for t, turn in enumerate(conversation):
-                turn_mask[b, t] = 1
-                labels[b, t] = turn["label"]
-                if self.use_text:
-                    text_mask[b, t] = int(bool(turn["text"]))
-                    texts.append(turn["text"])
-                if self.use_audio and turn.get("audio_features") is not None:
-                    if features is None:
-                        features = torch.zeros(batch_size, max_turns, len(turn["audio_features"]))
-                    features[b, t] = torch.as_tensor(turn["audio_features"])
-                    audio_mask[b, t] = 1
-        batch = {"turn_mask": turn_mask, "labels": labels}
-        if self.use_text:
-            batch["text_mask"] = text_mask
-            encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-            batch["input_ids"] = encoded["input_ids"]
-            batch["attention_mask"] = encoded["attention_mask"]
-        if self.use_audio:
-            batch["audio_mask"] = audio_mask
-            if features is None:
-                raise DataError("a batch has no turn with audio features although the speech modality is used")
-            batch["audio_features"] = features
-        return batch
-
-
-def collate_features(items: list[dict]) -> dict[str, torch.Tensor]:
-    """Conversation items of cached embeddings -> ``text_embeds`` / ``audio_embeds`` [B, T, D] batches."""
-    batch_size, max_turns = len(items), max(len(item["labels"]) for item in items)
-    turn_mask = torch.zeros(batch_size, max_turns, dtype=torch.long)
-    labels = torch.full((batch_size, max_turns), IGNORE_INDEX, dtype=torch.long)
-    batch: dict[str, torch.Tensor] = {}
-    for b, item in enumerate(items):
-        length = len(item["labels"])
-        turn_mask[b, :length] = 1
-        labels[b, :length] = torch.as_tensor(item["labels"])
-        for key in ("text_embeds", "audio_embeds"):
-            if key not in item:
-                continue
-            if key not in batch:
-                batch[key] = torch.zeros(batch_size, max_turns, item[key].shape[-1])
-                batch[key.replace("_embeds", "_mask")] = torch.zeros(batch_size, max_turns, dtype=torch.long)
-            batch[key][b, :length] = torch.as_tensor(item[key])
-            batch[key.replace("_embeds", "_mask")][b, :length] = torch.as_tensor(item[key.replace("_embeds", "_mask")])
-    batch.update(turn_mask=turn_mask, labels=labels)
-    return batch
-
-
-# ----------------------------------------------------------------------------------------------
-# Encoders: tokenizer, acoustic features, model
+# Encoders: tokenizer, speech inputs, model
 # ----------------------------------------------------------------------------------------------
 def build_tokenizer(args: TrainingArguments, corpus: Corpus | None, run_dir: Path):
     from transformers import AutoTokenizer
@@ -344,58 +379,88 @@ def build_tokenizer(args: TrainingArguments, corpus: Corpus | None, run_dir: Pat
         return AutoTokenizer.from_pretrained(args.text_model_name_or_path)
     if not args.train_tokenizer:
         raise ValueError("the text modality needs tokenizer_name_or_path, text_model_name_or_path or train_tokenizer: true")
-    import datasets
-
     from ..data.demo import train_demo_tokenizer
 
-    texts = [turn["text"] for conv in corpus.splits["train"] for turn in conv if turn["text"]]
     kind = "wordlevel" if corpus.name == "demo" else "bpe"
-    tokenizer = train_demo_tokenizer(datasets.Dataset.from_dict({"text": texts}), vocab_size=args.tokenizer_vocab_size, model=kind)
+    tokenizer = train_demo_tokenizer(corpus.splits["train"].select_columns(["text"]), vocab_size=args.tokenizer_vocab_size, model=kind)
     tokenizer.model_max_length = args.max_text_length
     return tokenizer
 
 
-def add_acoustic_features(corpus: Corpus, cache_file: Path, accelerator_state) -> "MeritsAcousticFeatureExtractor":
-    """Acoustic statistics of every turn (computed once on the main process, cached), normalised on train."""
+def uses_acoustic_features(args: TrainingArguments) -> bool:
+    """The speech head reads MeritsAcousticFeatureExtractor statistics (no speech backbone configured)."""
+    return args.audio_features == "acoustic" and args.audio_config is None and args.audio_model_name_or_path is None
+
+
+def add_acoustic_features(corpus: Corpus, cache_dir: Path, accelerator_state) -> "MeritsAcousticFeatureExtractor":
+    """Add an ``audio_features`` column (acoustic statistics, None where a turn has no audio) to every split.
+
+    The statistics are computed once per split on the main process and cached in ``cache_dir`` under the split's
+    dataset fingerprint; they are normalised with the training split's mean and std, which the returned extractor
+    carries, so the processor saved in ``best/`` computes exactly the training inputs from raw audio.
+    """
+    from tqdm.auto import tqdm
+
     from ..data.audio import load_audio
     from ..feature_extraction_merits import MeritsAcousticFeatureExtractor
 
     extractor = MeritsAcousticFeatureExtractor()
-    turns = [(split, turn) for split, convs in corpus.splits.items() for conv in convs for turn in conv]
-    with accelerator_state.main_process_first():
-        if cache_file.is_file():
-            stacked = np.load(cache_file)
-        else:
-            from tqdm.auto import tqdm
-
-            rows = []
-            for _, turn in tqdm(turns, desc="acoustic features", disable=not accelerator_state.is_local_main_process):
-                if turn["audio"] is None:
-                    rows.append(np.full(extractor.feature_size, np.nan, np.float32))
-                    continue
-                try:
-                    array = load_audio(turn["audio"], 16000, source=turn["where"])
-                except Exception as error:
-                    raise DataError(f"{turn['where']}: cannot read its audio: {error}") from error
-                rows.append(extractor(array, sampling_rate=16000)["audio_features"][0])
-            stacked = np.stack(rows).astype(np.float32)
-            if accelerator_state.is_main_process:
-                cache_file.parent.mkdir(parents=True, exist_ok=True)
-                np.save(cache_file, stacked)
-    if stacked.shape[0] != len(turns):
-        raise DataError(f"{cache_file}: cached acoustic features do not match the corpus ({stacked.shape[0]} != {len(turns)} turns)")
-    train_rows = np.array([split == "train" and turn["audio"] is not None for split, turn in turns])
-    mean = stacked[train_rows].mean(axis=0)
-    std = np.maximum(stacked[train_rows].std(axis=0), 1e-3)
+    raw: dict[str, np.ndarray] = {}
+    for split, dataset in corpus.splits.items():
+        cache_file = Path(cache_dir) / f"acoustic_features_{split}_{dataset._fingerprint}.npy"
+        with accelerator_state.main_process_first():
+            if cache_file.is_file():
+                stacked = np.load(cache_file)
+            else:
+                rows = []
+                view = dataset.select_columns(["dialogue_id", "turn", "audio"])
+                for row in tqdm(view, total=len(view), desc=f"acoustic features [{split}]",
+                                disable=not accelerator_state.is_local_main_process):
+                    if row["audio"] is None:
+                        rows.append(np.full(extractor.feature_size, np.nan, np.float32))
+                        continue
+                    where = _where(corpus.name, split, row["dialogue_id"], row["turn"])
+                    try:
+                        array = load_audio(row["audio"], 16000, source=where)
+                    except Exception as error:
+                        raise DataError(f"{where}: cannot read its audio: {error}") from error
+                    features = extractor(array, sampling_rate=16000)["audio_features"][0]
+                    if not np.isfinite(features).all():
+                        raise DataError(f"{where}: its acoustic features hold NaN or inf (silent or corrupt audio?)")
+                    rows.append(features)
+                stacked = np.stack(rows).astype(np.float32)
+                if accelerator_state.is_main_process:
+                    cache_file.parent.mkdir(parents=True, exist_ok=True)
+                    np.save(cache_file, stacked)
+        if stacked.shape[0] != len(dataset):
+            raise DataError(f"{cache_file}: cached acoustic features do not match the split ({stacked.shape[0]} != {len(dataset)} turns)")
+        raw[split] = stacked
+    train = raw["train"][np.isfinite(raw["train"]).all(axis=1)]
+    if len(train) < 2:
+        raise DataError(f"{corpus.name} [train]: fewer than 2 turns with audio; cannot normalise the acoustic features")
+    mean = train.mean(axis=0)
+    std = np.maximum(train.std(axis=0), 1e-3)
     extractor.feature_mean, extractor.feature_std, extractor.do_normalize = mean.tolist(), std.tolist(), True
-    for (split, turn), row in zip(turns, stacked):
-        if turn["audio"] is not None:
-            if not np.isfinite(row).all():
-                raise DataError(f"{turn['where']}: its acoustic features hold NaN or inf (silent or corrupt audio?)")
-            turn["audio_features"] = ((row - mean) / std).astype(np.float32)
-        else:
-            turn["audio_features"] = None
+    for split, stacked in raw.items():
+        normalised = (stacked - mean) / std
+        column = [row.tolist() if np.isfinite(row).all() else None for row in normalised]
+        dataset = corpus.splits[split]
+        if "audio_features" in dataset.column_names:
+            dataset = dataset.remove_columns("audio_features")
+        corpus.splits[split] = dataset.add_column("audio_features", column)
     return extractor
+
+
+def speech_feature_extractor(args: TrainingArguments, audio_config):
+    """The feature extractor of a speech backbone (raw waveforms -> ``input_values`` / ``input_features``)."""
+    from transformers import AutoFeatureExtractor, Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
+
+    if args.audio_model_name_or_path:
+        return AutoFeatureExtractor.from_pretrained(args.audio_model_name_or_path)
+    if getattr(audio_config, "model_type", None) == "whisper":
+        return WhisperFeatureExtractor(feature_size=audio_config.num_mel_bins)
+    return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                                    return_attention_mask=True)
 
 
 def build_model(args: TrainingArguments, architecture: str, label_names: list, tokenizer=None, audio_feature_dim=None,
@@ -426,33 +491,61 @@ def build_model(args: TrainingArguments, architecture: str, label_names: list, t
             text_config.setdefault("pad_token_id", tokenizer.pad_token_id)
             text_config.setdefault("max_position_embeddings", args.max_text_length + 4)
             kwargs["text_config"] = text_config
-    text_source = args.text_encoder_init or args.text_model_name_or_path if use_text and text_embed_dim is None else None
+    if args.text_encoder_init and use_text and text_embed_dim is None:
+        return _model_from_stage0(args, kwargs, use_audio and audio_embed_dim is None)
+    text_source = args.text_model_name_or_path if use_text and text_embed_dim is None else None
     audio_source = args.audio_model_name_or_path if use_audio and audio_embed_dim is None else None
     if text_source or audio_source:
-        if args.text_encoder_init and use_text:
-            from transformers import AutoModel
-
-            # stage 0 output: a merits Hub folder; its text backbone initialises this one (the head is re-made)
-            stage0 = MeritsForConversationClassification.from_pretrained(args.text_encoder_init)
-            kwargs["text_config"] = stage0.config.text_config
-            model = MeritsForConversationClassification(MeritsConfig(**kwargs))
-            model.text_encoder.backbone.load_state_dict(stage0.text_encoder.backbone.state_dict())
-            del AutoModel
-            return model
         return MeritsForConversationClassification.from_backbones(
             text_model_name_or_path=text_source, audio_model_name_or_path=audio_source, **kwargs
         )
     return MeritsForConversationClassification(MeritsConfig(**kwargs))
 
 
+def _model_from_stage0(args: TrainingArguments, kwargs: dict, use_audio_backbone: bool):
+    """Stage I initialised from stage 0 (``text_encoder_init``: the Hub folder of a ``dataset: pseudo_labels`` run).
+
+    The text encoder (backbone, pooling, projection) is copied; its classifier is new (the dataset's classes
+    replace positive/negative/neutral), as is everything else.
+    """
+    from ..configuration_merits import MeritsConfig
+    from ..modeling_merits import MeritsForConversationClassification
+
+    stage0 = MeritsForConversationClassification.from_pretrained(args.text_encoder_init)
+    if stage0.text_encoder is None:
+        raise ValueError(f"text_encoder_init {args.text_encoder_init}: that model has no text encoder")
+    kwargs = dict(kwargs, text_config=stage0.config.text_config)
+    for key in ("text_pooling", "utterance_embed_dim", "text_layer_norm", "attentive_pooling_hidden_size"):
+        kwargs.setdefault(key, getattr(stage0.config, key))
+    if use_audio_backbone and args.audio_model_name_or_path:
+        model = MeritsForConversationClassification.from_backbones(audio_model_name_or_path=args.audio_model_name_or_path, **kwargs)
+    else:
+        model = MeritsForConversationClassification(MeritsConfig(**kwargs))
+    state = {k: v for k, v in stage0.text_encoder.state_dict().items() if not k.startswith("classifier.")}
+    missing, unexpected = model.text_encoder.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.startswith("classifier.")]:
+        raise ValueError(f"text_encoder_init {args.text_encoder_init}: the text encoder does not match "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    logger.info("text encoder initialised from stage 0 (%s)", args.text_encoder_init)
+    return model
+
+
 def apply_lora(model, args: TrainingArguments):
-    """LoRA (peft) on the text backbone for the utterance stage; merged back before anything is saved."""
+    """LoRA (peft) on the text backbone for the utterance stage; merged back (:func:`merge_lora`) before saving."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=args.lora_target_modules)
     model.text_encoder.backbone = get_peft_model(model.text_encoder.backbone, config)
     return model
+
+
+def freeze_lora_base(model) -> None:
+    """After ``freeze_for_stage("utterance")`` (which unfreezes the whole text encoder): freeze the backbone's own
+    weights again so that only the LoRA adapters and the head (pooling, projection, classifier) train."""
+    for name, parameter in model.text_encoder.backbone.named_parameters():
+        if "lora_" not in name:
+            parameter.requires_grad_(False)
 
 
 def merge_lora(model):
@@ -462,61 +555,13 @@ def merge_lora(model):
     return model
 
 
-@torch.no_grad()
-def cache_embeddings(model, conversations: list[list[dict]], collator: UtteranceCollator, batch_size: int = 32) -> list[dict]:
-    """Stage I embeddings of every turn, grouped back into conversations (the inputs of stages II/III, MoE)."""
-    model.eval()
-    flat = [turn for conv in conversations for turn in conv]
-    text_rows, audio_rows = [], []
-    for start in range(0, len(flat), batch_size):
-        chunk = [[turn] for turn in flat[start : start + batch_size]]
-        batch = collator(chunk)
-        embeddings = model.get_utterance_embeddings(**batch)
-        if embeddings.get("text") is not None:
-            text_rows.append(embeddings["text"].float().cpu())
-        if embeddings.get("audio") is not None:
-            audio_rows.append(embeddings["audio"].float().cpu())
-    text_all = torch.cat(text_rows).numpy() if text_rows else None
-    audio_all = torch.cat(audio_rows).numpy() if audio_rows else None
-    items, offset = [], 0
-    for conv in conversations:
-        n = len(conv)
-        item = {"labels": np.array([t["label"] for t in conv], dtype=np.int64)}
-        if text_all is not None:
-            item["text_embeds"] = text_all[offset : offset + n]
-            item["text_mask"] = np.array([int(bool(t["text"])) for t in conv], dtype=np.int64)
-        if audio_all is not None:
-            item["audio_embeds"] = audio_all[offset : offset + n]
-            item["audio_mask"] = np.array([int(t.get("audio_features") is not None) for t in conv], dtype=np.int64)
-        items.append(item)
-        offset += n
-    return items
-
-
-def save_feature_dataset(items: list[dict], path: Path) -> None:
-    """Write cached embeddings as a feature dataset (api.md section 5), reusable with --train_features."""
-    import datasets
-
-    rows = {"dialogue_id": [], "turn": [], "label": [], "text_embeds": [], "audio_embeds": []}
-    for index, item in enumerate(items):
-        for t, label in enumerate(item["labels"]):
-            rows["dialogue_id"].append(str(index))
-            rows["turn"].append(t)
-            rows["label"].append(int(label))
-            for key in ("text_embeds", "audio_embeds"):
-                present = key in item and item[key.replace("_embeds", "_mask")][t]
-                rows[key].append(item[key][t].tolist() if present else None)
-    for key in ("text_embeds", "audio_embeds"):
-        if all(v is None for v in rows[key]):
-            del rows[key]
-    datasets.Dataset.from_dict(rows).save_to_disk(str(path))
-
-
 # ----------------------------------------------------------------------------------------------
 # Stage plans
 # ----------------------------------------------------------------------------------------------
-def heads_for(stage: str, architecture: str, use_text: bool, use_audio: bool) -> list[Head]:
+def heads_for(stage: str, architecture: str, use_text: bool, use_audio: bool, experts=None) -> list[Head]:
+    """The heads scored on validation in ``stage``; ``experts`` (mister-e ``config.experts``) limits the MoE's."""
     heads: list[Head] = []
+    experts = ("speech", "text", "cross_modal") if experts is None else tuple(experts)
     if stage in ("utterance", "pretrain"):
         if use_text:
             heads.append(Head("text", "utterance_text_logits", "text_mask", ("text_encoder",)))
@@ -535,11 +580,11 @@ def heads_for(stage: str, architecture: str, use_text: bool, use_audio: bool) ->
         heads.append(Head("audio", "context_audio_logits", "audio_mask"))
     elif stage == "moe":
         heads.append(Head("", "logits", None, ("text_context", "audio_context", "fusion", "gate")))
-        if use_audio:
+        if use_audio and "speech" in experts:
             heads.append(Head("speech_expert", "context_audio_logits", "audio_mask"))
-        if use_text:
+        if use_text and "text" in experts:
             heads.append(Head("text_expert", "context_text_logits", "text_mask"))
-        if use_text and use_audio:
+        if use_text and use_audio and "cross_modal" in experts:
             heads.append(Head("cross_modal_expert", "fusion_logits", None))
     return heads
 
@@ -568,14 +613,36 @@ def final_results(results: dict, tag: str) -> dict:
 # ----------------------------------------------------------------------------------------------
 # One system
 # ----------------------------------------------------------------------------------------------
-def run_system(args: TrainingArguments, architecture: str, run_dir: Path, corpus: Corpus | None, shared_cache: Path) -> dict:
+def embed_corpus(model, processor, corpus: Corpus, cache_dir: Path, run_dir: Path, use_text: bool, use_audio: bool,
+                 state) -> dict[str, list[list[dict]]]:
+    """The embedding cache (:func:`merits.data.build_embedding_cache`) of every split, as conversations.
+
+    The main process computes it first (the others then load it); ``run_dir/features.json`` names each split's
+    feature-dataset folder (reusable with ``--train_features``).
+    """
+    from ..data import build_embedding_cache
+
+    features, folders = {}, {}
+    with state.main_process_first():
+        for split, dataset in corpus.splits.items():
+            embedded = build_embedding_cache(model, processor, dataset, cache_dir, use_text=use_text, use_audio=use_audio)
+            folder = str(Path(embedded.cache_files[0]["filename"]).parent) if embedded.cache_files else str(cache_dir)
+            folders[split] = folder
+            features[split] = feature_conversations(embedded, f"embedding cache {folder} [{split}]")
+    if state.is_main_process:
+        (run_dir / "features.json").write_text(json.dumps(folders, indent=2))
+    return features
+
+
+def run_system(args: TrainingArguments, architecture: str, run_dir: Path, corpus: Corpus | None, cache_dir: Path,
+               acoustic_extractor=None) -> dict:
     """Train every configured stage of ``architecture`` in ``run_dir``; returns its flat results."""
     from accelerate import PartialState
+    from accelerate.utils import set_seed
 
+    from ..processing_merits import MeritsProcessor
     from . import report
     from .model_card import write_best_model
-
-    from accelerate.utils import set_seed
 
     state = PartialState()
     set_seed(args.seed)  # the initial weights of every stage: a resumed run rebuilds the same model
@@ -583,76 +650,76 @@ def run_system(args: TrainingArguments, architecture: str, run_dir: Path, corpus
     results: dict[str, Any] = {}
     predictions: dict[str, Any] = {}
     processor = None
+    stage1_collator = None
     use_text = "text" in args.modalities
     use_audio = "audio" in args.modalities
 
     if args.train_features is not None:
-        train_items, label_names = load_feature_split(args.train_features)
-        validation_items, _ = load_feature_split(args.validation_features, label_names)
-        test_items = load_feature_split(args.test_features, label_names)[0] if args.test_features else None
-        use_text = "text_embeds" in train_items[0]
-        use_audio = "audio_embeds" in train_items[0]
-        model = build_model(
-            args, architecture, label_names,
-            text_embed_dim=train_items[0]["text_embeds"].shape[-1] if use_text else None,
-            audio_embed_dim=train_items[0]["audio_embeds"].shape[-1] if use_audio else None,
-            use_text=use_text, use_audio=use_audio,
-        )
-        features = {"train": train_items, "validation": validation_items, "test": test_items}
+        train, label_names = load_feature_split(args.train_features)
+        validation, _ = load_feature_split(args.validation_features, label_names)
+        test = load_feature_split(args.test_features, label_names)[0] if args.test_features else None
+        rows = [row for conversation in train for row in conversation]
+        text_dims = {len(r["text_embeds"]) for r in rows if r.get("text_embeds") is not None}
+        audio_dims = {len(r["audio_embeds"]) for r in rows if r.get("audio_embeds") is not None}
+        use_text, use_audio = use_text and bool(text_dims), use_audio and bool(audio_dims)
+        model = build_model(args, architecture, label_names, text_embed_dim=text_dims.pop() if use_text else None,
+                            audio_embed_dim=audio_dims.pop() if use_audio else None, use_text=use_text, use_audio=use_audio)
+        features = {"train": train, "validation": validation, "test": test}
+        _check_feature_labels(features, label_names, args.train_features)
         dataset_name = Path(args.train_features).name
     else:
         label_names = corpus.label_names
         use_audio = use_audio and corpus.has_audio
         tokenizer = build_tokenizer(args, corpus, run_dir) if use_text else None
-        extractor = None
-        if use_audio:
-            extractor = add_acoustic_features(corpus, shared_cache / "acoustic_features.npy", state)
+        acoustic = use_audio and uses_acoustic_features(args)
+        extractor = acoustic_extractor if acoustic else None
+        if acoustic and extractor is None:
+            raise ValueError("the acoustic speech head needs add_acoustic_features(corpus, ...) first (run_training does it)")
         model = build_model(
             args, architecture, label_names, tokenizer=tokenizer,
             audio_feature_dim=extractor.feature_size if extractor is not None else None,
             use_text=use_text, use_audio=use_audio,
         )
-        from ..processing_merits import MeritsProcessor
-
+        if use_audio and not acoustic:
+            extractor = speech_feature_extractor(args, model.config.audio_config)
         processor = MeritsProcessor(tokenizer=tokenizer, feature_extractor=extractor, label2id=dict(model.config.label2id),
                                     max_length=args.max_text_length)
-        collator = UtteranceCollator(tokenizer, args.max_text_length, use_text, use_audio)
+        if use_audio and not acoustic:  # raw waveforms through the speech backbone's feature extractor
+            columns = ["dialogue_id", "turn", "label", "text", "audio"]
+            stage1_collator = ConversationCollator(processor, use_text=use_text, use_audio=use_audio)
+        else:  # text tokenised per batch, speech statistics precomputed in the `audio_features` column
+            columns = ["dialogue_id", "turn", "label"] + (["text"] if use_text else []) + (["audio_features"] if use_audio else [])
+            stage1_collator = FeatureCollator(tokenizer=tokenizer, max_length=args.max_text_length)
         features = None
         dataset_name = corpus.name
 
     for stage in stages:
         tag = STAGE_TAGS[stage]
         model_stage = "utterance" if stage == "pretrain" else stage
+        heads = heads_for(stage, architecture, use_text, use_audio, getattr(model.config, "experts", None))
         if stage in ("pretrain", "utterance"):
             if corpus is None:
                 raise ValueError(f"stage {stage!r} needs a corpus (not --train_features)")
-            if args.use_lora and use_text:
+            lora = args.use_lora and use_text
+            if lora:
                 apply_lora(model, args)
-            single = {split: [[turn] for conv in convs for turn in conv] for split, convs in corpus.splits.items()}
-            plan = StagePlan(model_stage, tag, heads_for(stage, architecture, use_text, use_audio), single["train"],
-                             single["validation"], single.get("test"), collator, args.stage_arguments(stage), label_names)
+            items = {split: utterance_items(dataset, columns) for split, dataset in corpus.splits.items()}
+            plan = StagePlan(model_stage, tag, heads, items["train"], items["validation"], items.get("test"),
+                             stage1_collator, args.stage_arguments(stage), label_names,
+                             after_freeze=freeze_lora_base if lora else None)
             stage_results, stage_predictions = run_stage(model, plan, args, run_dir)
-            if args.use_lora and use_text:
+            if lora:
                 merge_lora(model)
         else:
             if features is None:
-                features = {split: cache_embeddings(model, convs, collator) if convs else None
-                            for split, convs in corpus.splits.items()}
-                features.setdefault("test", None)
-                if state.is_main_process:
-                    for split, items in features.items():
-                        if items:
-                            save_feature_dataset(items, run_dir / "cache" / f"features_{split}")
-                state.wait_for_everyone()
-            plan = StagePlan(stage, tag, heads_for(stage, architecture, use_text, use_audio), features["train"],
-                             features["validation"], features.get("test"), collate_features, args.stage_arguments(stage),
-                             label_names)
+                features = embed_corpus(model, processor, corpus, cache_dir, run_dir, use_text, use_audio, state)
+            plan = StagePlan(stage, tag, heads, features["train"], features["validation"], features.get("test"),
+                             FeatureCollator(), args.stage_arguments(stage), label_names)
             stage_results, stage_predictions = run_stage(model, plan, args, run_dir)
         results.update(stage_results)
-        if stage_predictions:
-            for split, per_head in stage_predictions.items():
-                for key, value in per_head.items():
-                    predictions[(split, tag, key)] = value
+        for split, per_head in (stage_predictions or {}).items():
+            for key, value in per_head.items():
+                predictions[(split, tag, key)] = value
 
     # the run's own keys (no stage tag): the last stage's final head
     results.update({k: v for k, v in final_results(results, STAGE_TAGS[stages[-1]]).items() if k not in results})
@@ -665,6 +732,170 @@ def run_system(args: TrainingArguments, architecture: str, run_dir: Path, corpus
     return results
 
 
+# ----------------------------------------------------------------------------------------------
+# Leave-one-speaker-out model selection (corpora with no validation split, e.g. EmoDB)
+# ----------------------------------------------------------------------------------------------
+def candidate_arguments(args: TrainingArguments, overrides: dict, where: str) -> TrainingArguments:
+    """A copy of ``args`` with one ``fold_candidates`` entry applied (keys as in the YAML: ``utterance.learning_rate``)."""
+    import copy
+
+    from .arguments import _apply
+
+    candidate = copy.deepcopy(args)
+    for key, value in overrides.items():
+        _apply(candidate, str(key), value, where, Path.cwd())
+    return candidate.validate()
+
+
+def _fold_record(model, plan: StagePlan, args: TrainingArguments, fold_dir: Path) -> dict:
+    """Train one fold (or read its finished record): best epoch, validation and test predictions of the speech head."""
+    import shutil
+
+    record_file = fold_dir / "fold_predictions.json"
+    if record_file.is_file():
+        return json.loads(record_file.read_text())
+    results, predictions = run_stage(model, plan, args, fold_dir)
+    if predictions is None:  # stage finished but its record was not written (killed in between): redo the fold
+        shutil.rmtree(fold_dir / plan.tag, ignore_errors=True)
+        results, predictions = run_stage(model, plan, args, fold_dir)
+    record = {"best_epoch": results[f"{plan.tag}_audio_best_epoch"],
+              "validation_weighted_f1": results[f"validation_{plan.tag}_audio_weighted_f1"]}
+    for split in ("validation", "test"):
+        preds, refs = predictions[split]["audio"]
+        record[split] = {"predictions": preds.tolist(), "references": refs.tolist()}
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    record_file.write_text(json.dumps(record))
+    return record
+
+
+def run_speaker_folds(args: TrainingArguments, output_dir: Path, state) -> dict:
+    """Stage I speech head with leave-one-speaker-out model selection; ``best/`` is then trained on every speaker.
+
+    With S speakers in sorted order, fold i tests speaker S[i], validates on S[i+1] (cyclic) and trains on the
+    others. Each candidate of ``fold_candidates`` is trained on every fold; per fold, the candidate and epoch
+    with the best wF1 on the *validation* speaker are kept and scored once on the *test* speaker, so a held-out
+    speaker never chooses its own model. Pooled over the folds this gives ``test_stage1_audio_*`` (the LOSO
+    figures; also written as ``loso_*``); the same pooling over the validation speakers gives
+    ``validation_stage1_audio_*``. The final model takes the candidate with the best pooled validation wF1,
+    trained on all speakers for the median of its folds' best epochs (acoustic statistics normalised on all
+    speakers), and is written to ``OUT/best/``.
+    """
+    import datasets
+    from accelerate.utils import set_seed
+
+    from ..metrics import compute_erc_metrics
+    from ..processing_merits import MeritsProcessor
+    from . import report
+    from .model_card import write_best_model
+
+    architecture = args.architecture
+    corpus = load_corpus(args, require_validation=False)
+    source = args.data_dir or corpus.name
+    if not corpus.has_audio or not uses_acoustic_features(args):
+        raise DataError(f"{source}: speaker_folds trains the speech head on acoustic statistics; the corpus has no audio")
+    full = datasets.concatenate_datasets(list(corpus.splits.values()))
+    if args.speaker_column not in full.column_names:
+        raise DataError(f"{source}: no {args.speaker_column!r} column for speaker folds (columns: {full.column_names})")
+    speakers = np.asarray([str(s).strip() if s is not None else "" for s in full[args.speaker_column]])
+    if (speakers == "").any():
+        row = int(np.flatnonzero(speakers == "")[0])
+        raise DataError(f"{_where(source, 'all', full[row]['dialogue_id'], full[row]['turn'])}: no {args.speaker_column!r}")
+    distinct = sorted(set(speakers.tolist()))
+    if len(distinct) < 3:
+        raise DataError(f"{source}: speaker folds need at least 3 speakers (test, validation, train), found {distinct}")
+
+    cache_dir = Path(args.cache_dir) if args.cache_dir else output_dir / "cache"
+    everything = Corpus(splits={"train": full}, label_names=corpus.label_names, name=corpus.name, has_audio=True)
+    extractor = add_acoustic_features(everything, cache_dir, state)  # normalised on every speaker: the final model's
+    full = everything.splits["train"]
+    if any(row is None for row in full["audio_features"]):
+        raise DataError(f"{source}: every utterance needs audio for speaker folds")
+    mean, std = np.asarray(extractor.feature_mean, np.float32), np.asarray(extractor.feature_std, np.float32)
+    raw = np.asarray(full["audio_features"], dtype=np.float32) * std + mean
+    plain = full.remove_columns("audio_features")
+    columns = ["dialogue_id", "turn", "label", "audio_features"]
+    heads = heads_for("utterance", architecture, False, True)
+    label_names = corpus.label_names
+
+    candidates = list(args.fold_candidates or [{}])
+    records: list[list[dict]] = []  # [candidate][fold]
+    for c, overrides in enumerate(candidates):
+        cargs = candidate_arguments(args, overrides, f"fold_candidates[{c}]")
+        records.append([])
+        for i, held_out in enumerate(distinct):
+            validation_speaker = distinct[(i + 1) % len(distinct)]
+            test_rows = speakers == held_out
+            validation_rows = speakers == validation_speaker
+            train_rows = ~(test_rows | validation_rows)
+            fold_mean, fold_std = raw[train_rows].mean(axis=0), np.maximum(raw[train_rows].std(axis=0), 1e-3)
+            fold = plain.add_column("audio_features", ((raw - fold_mean) / fold_std).tolist())
+            items = {name: utterance_items(fold.select(np.flatnonzero(rows)), columns)
+                     for name, rows in (("train", train_rows), ("validation", validation_rows), ("test", test_rows))}
+            set_seed(cargs.seed)
+            model = build_model(cargs, architecture, label_names, audio_feature_dim=extractor.feature_size,
+                                use_text=False, use_audio=True)
+            plan = StagePlan("utterance", "stage1", heads, items["train"], items["validation"], items["test"],
+                             FeatureCollator(), cargs.utterance, label_names)
+            fold_dir = output_dir / "folds" / f"candidate{c}" / f"speaker_{held_out}"
+            record = _fold_record(model, plan, cargs, fold_dir)
+            record.update(test_speaker=held_out, validation_speaker=validation_speaker)
+            records[c].append(record)
+
+    def pooled(pairs: list[dict]) -> tuple[list, list]:
+        return [p for r in pairs for p in r["predictions"]], [t for r in pairs for t in r["references"]]
+
+    results: dict[str, Any] = {"speaker_folds": len(distinct), "fold_candidates": len(candidates)}
+    for c, folds in enumerate(records):
+        for split in ("validation", "test"):
+            metrics = compute_erc_metrics(*pooled([r[split] for r in folds]), label_names=label_names)
+            for metric in ("weighted_f1", "unweighted_average_recall", "accuracy"):
+                results[f"candidate{c}_{split}_stage1_audio_{metric}"] = metrics[metric]
+    chosen_per_fold = [max(range(len(candidates)), key=lambda c: (records[c][i]["validation_weighted_f1"], -c))
+                       for i in range(len(distinct))]
+    predictions = {}
+    for split in ("validation", "test"):
+        preds, refs = pooled([records[c][i][split] for i, c in enumerate(chosen_per_fold)])
+        predictions[(split, "stage1", "audio")] = (torch.tensor(preds), torch.tensor(refs))
+        for metric, value in compute_erc_metrics(preds, refs, label_names=label_names).items():
+            results[f"{split}_stage1_audio_{metric}"] = value
+            if split == "test":
+                results[f"loso_stage1_audio_{metric}"] = value
+    results["fold_chosen_candidates"] = ",".join(str(c) for c in chosen_per_fold)
+
+    # the final model: the best candidate on the pooled validation speakers, trained on every speaker
+    final = max(range(len(candidates)), key=lambda c: (results[f"candidate{c}_validation_stage1_audio_weighted_f1"], -c))
+    final_args = candidate_arguments(args, candidates[final], f"fold_candidates[{final}]")
+    final_args.utterance.num_epochs = max(1, int(round(float(np.median([r["best_epoch"] for r in records[final]])))))
+    everything_items = utterance_items(full, columns)
+    set_seed(final_args.seed)
+    model = build_model(final_args, architecture, label_names, audio_feature_dim=extractor.feature_size,
+                        use_text=False, use_audio=True)
+    # no speaker is left for validation: the training data stands in, so the selected epoch is (nearly always) the last
+    plan = StagePlan("utterance", "stage1", heads, everything_items, everything_items, None, FeatureCollator(),
+                     final_args.utterance, label_names)
+    fit, _ = run_stage(model, plan, final_args, output_dir / "final")
+    results.update(selected_candidate=final, final_epochs=final_args.utterance.num_epochs,
+                   final_fit_train_weighted_f1=fit["validation_stage1_audio_weighted_f1"])
+    results.update({k: v for k, v in final_results(results, "stage1").items() if k not in results})
+
+    if state.is_main_process:
+        model.config.stage = "utterance"
+        processor = MeritsProcessor(tokenizer=None, feature_extractor=extractor, label2id=dict(model.config.label2id),
+                                    max_length=args.max_text_length)
+        report.write_outputs(output_dir, results, predictions, label_names)
+        write_best_model(model, processor, output_dir / "best", results, corpus.name, final_args)
+        (output_dir / "fold_records.json").write_text(json.dumps(
+            [[{k: v for k, v in r.items() if k not in ("validation", "test")} for r in folds] for folds in records], indent=1))
+        table = report.results_table({architecture: results})
+        (output_dir / "results.md").write_text(table + "\n")
+        print(table)
+        print(f"leave-one-speaker-out over {len(distinct)} speakers: test wF1 {results['test_stage1_audio_weighted_f1']:.4f}, "
+              f"UAR {results['test_stage1_audio_unweighted_average_recall']:.4f}; best/ = candidate {final}, "
+              f"{final_args.utterance.num_epochs} epochs on every speaker")
+    state.wait_for_everyone()
+    return results
+
+
 def run_training(args: TrainingArguments) -> dict:
     """``train.py``: every configured system, then ``all_results.json``, ``best/`` and the results table."""
     from accelerate import PartialState
@@ -673,19 +904,28 @@ def run_training(args: TrainingArguments) -> dict:
     from .model_card import push_best_model
 
     state = PartialState()
+    if args.torch_num_threads is not None:
+        torch.set_num_threads(args.torch_num_threads)
     output_dir = Path(args.output_dir)
     options = args.to_dict()
-    prepare_output_dir(output_dir, options, args.resume, args.overwrite_output_dir, state.is_main_process)
+    prepare_output_dir(output_dir, options, args.resume, args.overwrite_output_dir, state.is_main_process,
+                       barrier=state.wait_for_everyone)
     state.wait_for_everyone()
+    if args.speaker_folds:
+        return run_speaker_folds(args, output_dir, state)
 
     corpus = None if args.train_features is not None else load_corpus(args)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else output_dir / "cache"
+    acoustic_extractor = None
+    if corpus is not None and "audio" in args.modalities and corpus.has_audio and uses_acoustic_features(args):
+        acoustic_extractor = add_acoustic_features(corpus, cache_dir, state)
     architectures = args.architectures()
     all_results: dict[str, Any] = {}
     per_system: dict[str, dict] = {}
     for architecture in architectures:
         run_dir = output_dir if len(architectures) == 1 else output_dir / architecture
         run_dir.mkdir(parents=True, exist_ok=True)
-        per_system[architecture] = run_system(args, architecture, run_dir, corpus, output_dir / "cache")
+        per_system[architecture] = run_system(args, architecture, run_dir, corpus, cache_dir, acoustic_extractor)
 
     if len(architectures) == 1:
         all_results = per_system[architectures[0]]
