@@ -218,7 +218,7 @@ def task_demo(args) -> tuple[dict, list[str]]:
         figures[f"demo/bayes_optimal_accuracy/{key}"] = value
     results = run_trainer("configs/demo.yaml", output_dir(args, "demo_quick" if args.quick else "demo"), overrides, args.work_dir / "logs")
     for key, value in sorted(results.items()):
-        if key.startswith(("merits-l_validation", "mister-e_validation", "validation")) and key.endswith(("accuracy", "weighted_f1")):
+        if key.startswith(("merits_l_validation", "mister_e_validation", "validation")) and key.endswith(("accuracy", "weighted_f1")):
             figures[f"demo/ours/{key}"] = float(value)
     if "_wall_seconds" in results:
         figures["demo/ours/train_wall_seconds"] = results["_wall_seconds"]

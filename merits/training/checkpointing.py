@@ -167,6 +167,10 @@ class StageCheckpoints:
     def save(self, accelerator, global_step: int) -> Path:
         """``accelerator.save_state`` at ``step_<global_step>``, marked COMPLETE once every process has written."""
         path = self.checkpoint_dir / f"step_{global_step:08d}"
+        # accelerate creates the folder on the main process only, while every process writes its RNG state
+        # into it: create it first, so that no rank can get there before it exists
+        if accelerator.is_main_process:
+            path.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(path))
         accelerator.wait_for_everyone()
