@@ -51,6 +51,18 @@ NUM_CLASSES = 6
 # ----------------------------------------------------------------------------------------------------- data
 
 
+
+def train_step(model, optimizer, batch: dict, stage: str, max_grad_norm) -> None:
+    """One optimisation step of our model, as `merits.training` takes it (clip, step, zero_grad)."""
+    import torch
+
+    model.train()
+    model(**batch, stage=stage).loss.backward()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad()
+
 def synthetic_conversations(num_dialogues: int, dim: int, seed: int, min_turns: int = 20, max_turns: int = 110,
                             mean_turns: float = 50.0, text_signal: float = 2.0, audio_signal: float = 1.5) -> list[dict]:
     """IEMOCAP-like conversations of cached embeddings, as the trainer's feature items.
@@ -204,14 +216,7 @@ def run_mister_e(impl: str, train, validation, args) -> dict:
         train_rows, validation_rows = as_feature_rows(train), as_feature_rows(validation)
 
         def step(index):
-            model.train()
-            batch = collate_features([train_rows[i] for i in index])
-            loss = model(**batch, stage="moe").loss
-            loss.backward()
-            if stage_args.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), stage_args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
+            train_step(model, optimizer, collate_features([train_rows[i] for i in index]), "moe", stage_args.max_grad_norm)
 
         def evaluate():
             model.eval()
@@ -281,14 +286,7 @@ def run_merits_l(impl: str, train, validation, args) -> dict:
             optimizer = build_optimizer(model.parameters(), stage_args)
 
             def step(index):
-                model.train()
-                batch = collate_features([train_rows[i] for i in index])
-                loss = model(**batch, stage=stage).loss
-                loss.backward()
-                if stage_args.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), stage_args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
+                train_step(model, optimizer, collate_features([train_rows[i] for i in index]), stage, stage_args.max_grad_norm)
 
             def evaluate():
                 model.eval()
