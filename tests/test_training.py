@@ -270,6 +270,8 @@ def test_two_gloo_processes_reach_the_quality_of_one(features, tmp_path):
     assert double.returncode == 0, "\n".join(line for line in double.stderr.splitlines() if "Error" in line)[-3000:] + double.stderr[-1500:]
     one = json.loads((tmp_path / "one" / "all_results.json").read_text())
     two = json.loads((tmp_path / "two" / "all_results.json").read_text())
+    # two ranks of one DDP run, not two independent single-process runs racing on one folder
+    assert one["num_processes"] == 1 and two["num_processes"] == 2
     # every validation utterance is scored exactly once under DDP (gather_for_metrics drops the padding duplicates)
     assert two["validation_num_examples"] == one["validation_num_examples"]
     assert two["validation_weighted_f1"] >= one["validation_weighted_f1"] - 0.1

@@ -10,7 +10,12 @@ def main(argv=None) -> dict:
     import sys
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    return run_training(args)
+    results = run_training(args)
+    from .loop import distributed_state
+
+    distributed_state().wait_for_everyone()
+    distributed_state().destroy_process_group()  # once, after every stage (DDP runs under torchrun)
+    return results
 
 
 __all__ = [

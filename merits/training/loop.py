@@ -189,10 +189,29 @@ def result_key(split: str, tag: str, head_key: str, metric: str) -> str:
     return "_".join(p for p in parts if p)
 
 
+def cpu_only() -> bool:
+    """True on a machine without an accelerator: then torchrun's processes must be told to use gloo DDP on CPU.
+
+    Accelerate treats ``torchrun --nproc_per_node 2`` on a CPU-only machine as N independent single-process
+    runs unless ``cpu=True`` is given (``accelerate launch --cpu`` sets it through ``ACCELERATE_USE_CPU``).
+    """
+    if hasattr(torch, "accelerator"):
+        return not torch.accelerator.is_available()
+    return not torch.cuda.is_available()
+
+
+def distributed_state():
+    """The process-wide ``PartialState`` (the first call decides the backend: gloo DDP when CPU-only)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu_only())
+
+
 def make_accelerator(run_args, arguments: StageArguments, run_dir: Path) -> Accelerator:
     """A fresh Accelerator for one stage (gloo DDP on CPU under torchrun, bf16 autocast when asked)."""
     log_with = None if run_args.report_to == "none" else run_args.report_to
     return Accelerator(
+        cpu=cpu_only(),
         gradient_accumulation_steps=arguments.gradient_accumulation_steps,
         mixed_precision=run_args.mixed_precision,
         log_with=log_with,
@@ -382,7 +401,10 @@ def run_stage(model: torch.nn.Module, plan: StagePlan, run_args, run_dir: Path, 
     results[result_key("", plan.tag, "", "epochs")] = state.epochs_done
     if accelerator.is_main_process:
         checkpoints.write_result(results)
-    accelerator.end_training()
+    # finish this stage's trackers only: accelerator.end_training() would also destroy the process group that
+    # the later stages of the run still use (their barriers would then return at once on every rank)
+    for tracker in accelerator.trackers:
+        tracker.finish()
     checkpoints.remove_checkpoints(accelerator)
     model.freeze_for_stage(plan.stage)  # leave requires_grad as the stage set it; callers refreeze per stage
     model.eval()

@@ -44,7 +44,7 @@ from ..data.collate import ConversationCollator, FeatureCollator, conversation_i
 from ..data.schema import DataFormatError
 from .arguments import TrainingArguments
 from .checkpointing import prepare_output_dir
-from .loop import IGNORE_INDEX, Head, StagePlan, run_stage
+from .loop import IGNORE_INDEX, Head, StagePlan, distributed_state, run_stage
 
 
 logger = logging.getLogger("merits.training")
@@ -637,14 +637,13 @@ def embed_corpus(model, processor, corpus: Corpus, cache_dir: Path, run_dir: Pat
 def run_system(args: TrainingArguments, architecture: str, run_dir: Path, corpus: Corpus | None, cache_dir: Path,
                acoustic_extractor=None) -> dict:
     """Train every configured stage of ``architecture`` in ``run_dir``; returns its flat results."""
-    from accelerate import PartialState
     from accelerate.utils import set_seed
 
     from ..processing_merits import MeritsProcessor
     from . import report
     from .model_card import write_best_model
 
-    state = PartialState()
+    state = distributed_state()
     set_seed(args.seed)  # the initial weights of every stage: a resumed run rebuilds the same model
     stages = args.stages_for(architecture)
     results: dict[str, Any] = {}
@@ -898,12 +897,10 @@ def run_speaker_folds(args: TrainingArguments, output_dir: Path, state) -> dict:
 
 def run_training(args: TrainingArguments) -> dict:
     """``train.py``: every configured system, then ``all_results.json``, ``best/`` and the results table."""
-    from accelerate import PartialState
-
     from . import report
     from .model_card import push_best_model
 
-    state = PartialState()
+    state = distributed_state()
     if args.torch_num_threads is not None:
         torch.set_num_threads(args.torch_num_threads)
     output_dir = Path(args.output_dir)
@@ -945,6 +942,7 @@ def run_training(args: TrainingArguments) -> dict:
             if best.exists():
                 shutil.rmtree(best)
             shutil.copytree(output_dir / chosen / "best", best)
+    all_results["num_processes"] = state.num_processes
     if state.is_main_process:
         (output_dir / "all_results.json").write_text(json.dumps(all_results, indent=2, sort_keys=True))
         table = report.results_table(per_system)
