@@ -15,6 +15,7 @@ from merits.data import (
     make_demo_corpus,
     train_demo_tokenizer,
 )
+from merits.data.cache import length_batches
 from merits.data.schema import audio_value, build_split, conversation_features
 
 from _tiny import tiny_merits_config, tiny_roberta_config
@@ -194,3 +195,65 @@ def test_embedding_cache_feature_dataset_trains_through_feature_collator(corpus,
     assert batch["text_embeds"].shape[0] == 2 and batch["text_mask"].sum() == batch["turn_mask"].sum()
     text_only = build_embedding_cache(model, processor, corpus["train"], tmp_path, use_audio=False)
     assert text_only.column_names == ["dialogue_id", "turn", "label", "text_embeds"]
+
+
+def greedy_fill(ordered, batch_size, max_tokens):
+    """Sorted lengths cut greedily (a batch closes when the next item would break a budget)."""
+    groups, current = [], []
+    for length in ordered:
+        if current and (len(current) + 1 > batch_size or (len(current) + 1) * length > max_tokens):
+            groups.append(current)
+            current = []
+        current.append(int(length))
+    return groups + [current]
+
+
+def padded_positions(groups):
+    return sum(len(group) * max(group) for group in groups)
+
+
+def test_length_batches_respect_the_utterance_and_token_budgets():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 60, size=200)
+    lengths[7] = 500  # longer than the budget: a batch of its own
+    batches = length_batches(lengths, batch_size=16, max_tokens=256)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(200))  # every item exactly once
+    assert (np.diff(lengths[flat]) >= 0).all()  # sorted by length
+    assert any(b.tolist() == [7] for b in batches)
+    for batch in batches:
+        assert 1 <= len(batch) <= 16
+        assert len(batch) == 1 or len(batch) * lengths[batch].max() <= 256
+    # as few batches as a greedy fill (the minimum), with no more padding than it (here: strictly less)
+    for size, budget in ((16, 256), (64, 768)):
+        planned, greedy = length_batches(lengths, size, budget), greedy_fill(np.sort(lengths), size, budget)
+        assert len(planned) == len(greedy)
+        assert padded_positions([lengths[b].tolist() for b in planned]) < padded_positions(greedy)
+    assert [len(b) for b in length_batches(lengths, batch_size=16)] == [16] * 12 + [8]  # no token budget
+    with pytest.raises(ValueError, match="max_tokens"):
+        length_batches(lengths, 4, max_tokens=0)
+
+
+def test_embedding_cache_token_budget_gives_the_same_embeddings(corpus, processor, tmp_path):
+    model = CountingModel(make_model(processor, seed=0))
+    split = corpus["validation"]
+    large = build_embedding_cache(model, processor, split, tmp_path / "large", batch_size=64, max_tokens=None)
+    calls = model.calls
+    small = build_embedding_cache(model, processor, split, tmp_path / "small", batch_size=64, max_tokens=40)
+    assert model.calls - calls > calls  # the token budget cut the split into more, smaller batches
+    np.testing.assert_allclose(np.asarray(small["text_embeds"]), np.asarray(large["text_embeds"]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(small["audio_embeds"]), np.asarray(large["audio_embeds"]), rtol=1e-4, atol=1e-5)
+
+
+def test_embedding_cache_discards_partial_chunks_of_another_order(corpus, processor, tmp_path):
+    model = make_model(processor)
+    split = corpus["validation"]
+    expected = build_embedding_cache(model, processor, split, tmp_path / "clean", batch_size=4, chunk_size=8)
+    fingerprint = next(p.name for p in (tmp_path / "clean").iterdir() if p.is_dir())
+    partial = tmp_path / "stale" / f"{fingerprint}.partial"
+    partial.mkdir(parents=True)
+    # a chunk left by a run that sorted differently (and no order.npy): its rows must not be trusted
+    np.savez(partial / "chunk_00000.npz", indices=np.arange(8), text=np.zeros((8, len(expected[0]["text_embeds"])), np.float32),
+             text_present=np.ones(8, bool))
+    rebuilt = build_embedding_cache(model, processor, split, tmp_path / "stale", batch_size=4, chunk_size=8)
+    np.testing.assert_allclose(np.asarray(rebuilt["text_embeds"]), np.asarray(expected["text_embeds"]), rtol=1e-4, atol=1e-5)

@@ -17,6 +17,11 @@ changed encoder (e.g. after Stage I training) recomputes it. Computation is resu
 are sorted by length, batched, and written in chunks under ``cache_dir/<fingerprint>.partial/``; an
 interrupted run continues from the last finished chunk.
 
+Batches (:func:`length_batches`): utterances sorted by length (text tokens + speech frames), cut into batches of at
+most ``batch_size`` utterances and, with ``max_tokens``, at most ``max_tokens`` padded positions (rows x the longest
+row): short utterances go in large batches, long ones in small ones, so the matrix products stay large while padding
+stays small.
+
 A dataset with an ``audio_features`` column (precomputed speech-head inputs: acoustic statistics, CARE
 layer stacks) is embedded from that column (text tokenised by the processor's tokenizer) instead of
 decoding its audio.
@@ -93,14 +98,65 @@ def embedding_cache_fingerprint(model, processor, dataset: datasets.Dataset, use
     return digest.hexdigest()[:32]
 
 
-def _length_key(row: dict, use_text: bool, use_audio: bool) -> float:
-    length = len(row.get("text") or "") if use_text else 0
-    if use_audio and row.get("audio") is not None:
-        try:
-            length += 100.0 * audio_duration(row["audio"])  # ~100 characters per second of speech
-        except Exception:  # unreadable audio fails with a clear message when it is decoded
-            pass
-    return length
+#: Speech frames per second of audio in the length used to sort and budget batches (wav2vec2/WavLM/HuBERT: 20 ms
+#: frames; Whisper's encoder runs the same 50 per second).
+AUDIO_FRAMES_PER_SECOND = 50
+
+
+def _audio_frames(audio) -> float:
+    try:
+        return AUDIO_FRAMES_PER_SECOND * audio_duration(audio)
+    except Exception:  # unreadable audio fails with a clear message when it is decoded
+        return 0.0
+
+
+def _text_lengths(texts, tokenizer) -> np.ndarray:
+    """Token counts of ``texts`` (None/blank -> 0) with ``tokenizer``; ~4 characters per token without one."""
+    texts = [text if text and text.strip() else "" for text in texts]
+    if tokenizer is None:
+        return np.asarray([-(-len(text) // 4) for text in texts], dtype=np.float64)
+    present = [i for i, text in enumerate(texts) if text]
+    lengths = np.zeros(len(texts), dtype=np.float64)
+    if present:
+        encoded = tokenizer([texts[i] for i in present], add_special_tokens=True)["input_ids"]
+        lengths[present] = [len(ids) for ids in encoded]
+    return lengths
+
+
+def length_batches(lengths, batch_size: int, max_tokens: int | None = None) -> list[np.ndarray]:
+    """The batches of the embedding cache: indices sorted by ``lengths`` (stable), cut into consecutive batches of at
+    most ``batch_size`` items and, when ``max_tokens`` is set, at most ``max_tokens`` padded positions (items x the
+    longest item; an item longer than ``max_tokens`` gets a batch of its own).
+
+    The cut is the one with the fewest batches (the largest matrix products) and, among those, the fewest padded
+    positions (dynamic programming over the sorted lengths, O(len(lengths) * batch_size)).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1 (or None), got {max_tokens}")
+    lengths = np.asarray(lengths, dtype=np.float64).reshape(-1)
+    order = np.argsort(lengths, kind="stable")
+    if max_tokens is None:
+        return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    ordered = lengths[order].tolist()
+    count = len(ordered)
+    # best[j] = (batches, padded positions) covering the first j sorted items; start[j] = where its last batch starts
+    best, start = [(0, 0.0)] + [None] * count, [0] * (count + 1)
+    for j in range(1, count + 1):
+        longest = ordered[j - 1]
+        for i in range(j - 1, max(j - batch_size, 0) - 1, -1):
+            rows = j - i
+            if rows > 1 and rows * longest > max_tokens:
+                break  # more rows only add positions
+            candidate = (best[i][0] + 1, best[i][1] + rows * longest)
+            if best[j] is None or candidate < best[j]:
+                best[j], start[j] = candidate, i
+    batches, j = [], count
+    while j > 0:
+        batches.append(order[start[j] : j])
+        j = start[j]
+    return batches[::-1]
 
 
 def _list_column(matrix: np.ndarray, present: np.ndarray) -> pa.Array:
@@ -127,7 +183,7 @@ def _embed_batch(model, batch, accepted, takes_kwargs, device, num_rows: int, ou
 
 
 def _embed_split(model, processor, dataset, partial_dir: Path, batch_size: int, use_text: bool, use_audio: bool,
-                 chunk_size: int, sampling_rate: int) -> datasets.Dataset:
+                 chunk_size: int, sampling_rate: int, max_tokens: int | None = None) -> datasets.Dataset:
     # precomputed speech-head inputs (an `audio_features` column: acoustic statistics, CARE layer stacks) are used
     # as they are instead of decoding the audio again
     precomputed = use_audio and "audio_features" in dataset.column_names
@@ -136,18 +192,27 @@ def _embed_split(model, processor, dataset, partial_dir: Path, batch_size: int, 
     if not columns:
         raise ValueError(f"nothing to embed: the dataset has columns {dataset.column_names} (use_text={use_text}, use_audio={use_audio})")
     inputs_view = dataset.select_columns(columns)
+    tokenizer = getattr(processor, "tokenizer", None) if use_text else None
+    lengths = (_text_lengths(inputs_view["text"], tokenizer) if "text" in columns else np.zeros(len(dataset)))
     if precomputed:
-        lengths = np.asarray([len(text or "") for text in inputs_view["text"]]) if "text" in columns else np.zeros(len(dataset))
         collator = FeatureCollator(label_column=None, tokenizer=processor.tokenizer if use_text else None,
                                    max_length=getattr(processor, "max_length", None))
-    else:
-        lengths = np.asarray([_length_key(inputs_view[i], use_text, use_audio) for i in range(len(dataset))])
+    elif audio_column in columns:
+        # row by row: reading the whole audio column at once would hold every waveform in memory
+        lengths = lengths + np.asarray([_audio_frames(row[audio_column]) if row[audio_column] is not None else 0.0
+                                        for row in inputs_view.select_columns([audio_column])])
     order = np.argsort(lengths, kind="stable")
     dialogue_ids, turns_column = dataset["dialogue_id"][:], dataset["turn"][:]  # plain lists: no Arrow read per row
     accepted = set(inspect.signature(model.get_utterance_embeddings).parameters)
     takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(model.get_utterance_embeddings).parameters.values())
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
     partial_dir.mkdir(parents=True, exist_ok=True)
+    # a partial run made with another order (other chunking or length rule) cannot be resumed chunk by chunk
+    order_path = partial_dir / "order.npy"
+    if not (order_path.is_file() and np.array_equal(np.load(order_path), order)):
+        for stale in partial_dir.glob("chunk_*.npz"):
+            stale.unlink()
+        np.save(order_path, order)
     num_chunks = (len(order) + chunk_size - 1) // chunk_size
     was_training = model.training
     model.eval()
@@ -158,8 +223,8 @@ def _embed_split(model, processor, dataset, partial_dir: Path, batch_size: int, 
                 continue
             indices = order[chunk * chunk_size : (chunk + 1) * chunk_size]
             outputs = {"text": [], "audio": []}
-            for start in range(0, len(indices), batch_size):
-                batch_indices = indices[start : start + batch_size]
+            for positions in length_batches(lengths[indices], batch_size, max_tokens):
+                batch_indices = indices[np.sort(positions)]
                 rows = inputs_view[batch_indices.tolist()]
                 if precomputed:
                     conversations_ = []
@@ -223,7 +288,8 @@ def _embed_split(model, processor, dataset, partial_dir: Path, batch_size: int, 
 
 
 def build_embedding_cache(model, processor, dataset, cache_dir, batch_size: int = 32, use_text: bool = True,
-                          use_audio: bool = True, chunk_size: int = 1024, sampling_rate: int = 16000):
+                          use_audio: bool = True, chunk_size: int = 1024, sampling_rate: int = 16000,
+                          max_tokens: int | None = 8192):
     """Stage I embeddings of every utterance of ``dataset`` as a feature dataset, cached on disk.
 
     Args:
@@ -231,7 +297,9 @@ def build_embedding_cache(model, processor, dataset, cache_dir, batch_size: int 
         processor: the ``MeritsProcessor`` that prepares its raw inputs.
         dataset: a conversation ``Dataset`` or ``DatasetDict`` (schema of :mod:`merits.data.schema`).
         cache_dir: the cache folder; each (encoder, data) pair gets ``cache_dir/<fingerprint>/``.
-        batch_size: utterances per forward pass (sorted by length to limit padding).
+        batch_size: at most this many utterances per forward pass (sorted by length to limit padding).
+        max_tokens: at most this many padded positions (utterances x the longest one's text tokens + speech frames
+            at 50 per second) per forward pass; None for fixed ``batch_size`` batches. See :func:`length_batches`.
         use_text, use_audio: which modalities to embed.
         chunk_size: utterances per resumable chunk.
 
@@ -242,7 +310,8 @@ def build_embedding_cache(model, processor, dataset, cache_dir, batch_size: int 
     """
     if isinstance(dataset, datasets.DatasetDict):
         return datasets.DatasetDict({
-            split: build_embedding_cache(model, processor, part, cache_dir, batch_size, use_text, use_audio, chunk_size, sampling_rate)
+            split: build_embedding_cache(model, processor, part, cache_dir, batch_size, use_text, use_audio, chunk_size, sampling_rate,
+                                         max_tokens)
             for split, part in dataset.items()
         })
     if not hasattr(model, "get_utterance_embeddings"):
@@ -254,7 +323,7 @@ def build_embedding_cache(model, processor, dataset, cache_dir, batch_size: int 
         logger.info("embedding cache: reusing %s", target)
         return datasets.load_from_disk(str(target))
     features = _embed_split(model, processor, dataset, cache_dir / f"{fingerprint}.partial", batch_size, use_text, use_audio,
-                            chunk_size, sampling_rate)
+                            chunk_size, sampling_rate, max_tokens)
     staging = cache_dir / f"{fingerprint}.staging"
     if staging.exists():
         shutil.rmtree(staging)
