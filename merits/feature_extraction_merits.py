@@ -2,7 +2,7 @@
 """Utterance-level acoustic statistics for the MERITS speech head (numpy only; shipped to the Hub).
 
 :class:`MeritsAcousticFeatureExtractor` turns each 16 kHz mono utterance into one fixed-size vector of
-``F = 116`` eGeMAPS-like functionals. It is the CPU speech route: the same speech head that reads
+``F = 225`` eGeMAPS-like functionals. It is the CPU speech route: the same speech head that reads
 CARE / WavLM layer stacks on a GPU reads these vectors (``audio_features`` [N, F]) on 2 CPU cores.
 
 Frames are 25 ms (hop 10 ms, Hann window, 512-point FFT); pitch uses 40 ms frames. "Active" frames
@@ -27,6 +27,16 @@ MFCC                  26   MFCC 0-12 (DCT-II of the log-mel): means then stds
 rate                  6    duration (s), loudness peaks per second (syllable-rate proxy), voiced
                            segments per second, mean voiced segment length (s), mean pause length (s),
                            pause fraction (inactive frames / all frames)
+MFCC deltas           13   std of the frame-to-frame MFCC 0-12 deltas (``np.gradient``)
+voiced / unvoiced     26   MFCC 0-12 means over voiced frames, then over unvoiced active frames
+harmonicity           2    HNR (dB) from the voiced frames' autocorrelation peak r: 10 log10(r / (1 - r)),
+                           mean and std
+spectral slope        8    least-squares slope (dB / kHz) of the power spectrum in 0-500 Hz and 500-1500 Hz,
+                           mean and std over voiced and over unvoiced frames (eGeMAPS' slopes)
+dynamics              6    F0 changes (semitones / s, consecutive voiced frames) and loudness changes (dB / s,
+                           active frames): mean rise, mean fall, std
+pitch percentiles     2    F0 p20, p80 (semitones)
+log-mel percentiles   52   26 log-mel bands over active frames: p10 then p90
 ====================  ===  ==========================================================================
 
 Pitch is estimated per frame from the normalised autocorrelation (divided by the window's own
@@ -56,7 +66,21 @@ def _feature_names(num_mel_bins: int, num_mfcc: int) -> list[str]:
     names += [f"logmel{i}_mean" for i in range(num_mel_bins)] + [f"logmel{i}_std" for i in range(num_mel_bins)]
     names += [f"mfcc{i}_mean" for i in range(num_mfcc)] + [f"mfcc{i}_std" for i in range(num_mfcc)]
     names += ["duration_s", "loudness_peaks_per_s", "voiced_segments_per_s", "voiced_segment_s", "pause_s", "pause_fraction"]
+    names += [f"mfcc{i}_delta_std" for i in range(num_mfcc)]
+    names += [f"mfcc{i}_voiced_mean" for i in range(num_mfcc)] + [f"mfcc{i}_unvoiced_mean" for i in range(num_mfcc)]
+    names += ["hnr_db_mean", "hnr_db_std"]
+    names += [f"slope_{band}_{part}_{s}" for band in ("0_500", "500_1500") for part in ("voiced", "unvoiced") for s in ("mean", "std")]
+    names += [f"{name}_{s}" for name in ("pitch_delta_st_per_s", "loudness_delta_db_per_s") for s in ("rise_mean", "fall_mean", "std")]
+    names += ["pitch_st_p20", "pitch_st_p80"]
+    names += [f"logmel{i}_p10" for i in range(num_mel_bins)] + [f"logmel{i}_p90" for i in range(num_mel_bins)]
     return names
+
+
+def _rise_fall(deltas: np.ndarray) -> list[float]:
+    """Mean rise, mean fall (as a positive number) and std of frame-to-frame changes (zeros when there are none)."""
+    rises, falls = deltas[deltas > 0], deltas[deltas < 0]
+    return [float(rises.mean()) if rises.size else 0.0, float(-falls.mean()) if falls.size else 0.0,
+            float(deltas.std()) if deltas.size else 0.0]
 
 
 def _frames(signal: np.ndarray, length: int, hop: int, num_frames: int) -> np.ndarray:
@@ -90,7 +114,7 @@ def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class MeritsAcousticFeatureExtractor(SequenceFeatureExtractor):
-    r"""eGeMAPS-like utterance statistics (see the module docstring for the ``F = 116`` entries).
+    r"""eGeMAPS-like utterance statistics (see the module docstring for the ``F = 225`` entries).
 
     Args:
         sampling_rate (`int`, defaults to 16000): the rate the arrays must have.
@@ -170,10 +194,16 @@ class MeritsAcousticFeatureExtractor(SequenceFeatureExtractor):
             dct = np.cos(np.pi / self.num_mel_bins * (n[None, :] + 0.5) * np.arange(self.num_mfcc)[:, None])
             dct *= np.sqrt(2.0 / self.num_mel_bins)
             dct[0] /= np.sqrt(2.0)
+            slope_bands = []
+            freqs = np.fft.rfftfreq(self.n_fft, 1.0 / sr)
+            for low, high in ((0.0, 500.0), (500.0, 1500.0)):  # eGeMAPS' spectral slopes, dB per kHz
+                band = (freqs >= low) & (freqs < high)
+                centred = freqs[band] / 1000 - (freqs[band] / 1000).mean()
+                slope_bands.append((band, centred / (centred @ centred)))
             self._constants = dict(
                 frame=frame, hop=int(round(sr * self.hop_length_ms / 1000)), pitch_frame=pitch_frame, window=window,
                 pitch_window=pitch_window, pitch_fft=pitch_fft, window_ac=np.maximum(window_ac / window_ac[0], 1e-3),
-                mel=mel, dct=dct, freqs=np.fft.rfftfreq(self.n_fft, 1.0 / sr),
+                mel=mel, dct=dct, freqs=freqs, slope_bands=slope_bands,
             )
         return self._constants
 
@@ -294,6 +324,25 @@ class MeritsAcousticFeatureExtractor(SequenceFeatureExtractor):
             float(pause_lengths.mean() * hop / sr) if len(pause_lengths) else 0.0,
             float(1.0 - a.sum() / num_frames) if a.sum() < num_frames else 0.0,
         ]
+
+        # deltas, voiced / unvoiced spectra, harmonicity, spectral slopes, dynamics, percentiles
+        delta_mfcc = np.gradient(mfcc, axis=0) if num_frames > 2 else np.zeros_like(mfcc)
+        features += list(delta_mfcc[a].std(axis=0))
+        unvoiced = a & ~voiced
+        features += list(_mean_std(mfcc[voiced])[0]) + list(_mean_std(mfcc[unvoiced])[0])
+        strength_voiced = np.clip(strength[voiced], 1e-3, 0.999)
+        hnr = 10 * np.log10(strength_voiced / (1 - strength_voiced))  # from the normalised autocorrelation peak
+        features += [float(hnr.mean()), float(hnr.std())] if hnr.size else [0.0, 0.0]
+        log_power = 10 * np.log10(power)
+        for band, weights in c["slope_bands"]:
+            slope = log_power[:, band] @ weights  # least-squares slope (the weights are centred)
+            for part in (voiced, unvoiced):
+                features += [float(slope[part].mean()), float(slope[part].std())] if part.any() else [0.0, 0.0]
+        frames_per_s = sr / hop
+        pitch_deltas = np.diff(semitones)[same_run] * frames_per_s if same_run.any() else np.zeros(0)
+        features += _rise_fall(pitch_deltas) + _rise_fall(np.diff(loudness)[a[1:]] * frames_per_s)
+        features += [float(v) for v in np.percentile(semitones, [20, 80])] if semitones.size else [0.0, 0.0]
+        features += [float(v) for v in np.percentile(log_mel[a], [10, 90], axis=0).reshape(-1)]
         return np.asarray(features, dtype=np.float32)
 
     # -- batches -------------------------------------------------------------------------------------

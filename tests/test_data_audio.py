@@ -81,11 +81,11 @@ def test_datasets_audio_feature_is_not_relied_on():
 
 def test_feature_extractor_shapes_and_names():
     extractor = MeritsAcousticFeatureExtractor()
-    assert extractor.feature_size == len(extractor.feature_names) == 116
-    assert len(set(extractor.feature_names)) == 116
+    assert extractor.feature_size == len(extractor.feature_names) == 225
+    assert len(set(extractor.feature_names)) == 225
     batch = extractor([harmonic(seconds=0.5), harmonic(seconds=1.2)], sampling_rate=RATE, return_tensors="pt")
     assert set(batch) == {"audio_features"}
-    assert batch["audio_features"].shape == (2, 116) and batch["audio_features"].dtype == torch.float32
+    assert batch["audio_features"].shape == (2, 225) and batch["audio_features"].dtype == torch.float32
     assert torch.isfinite(batch["audio_features"]).all()
     single = extractor(harmonic(seconds=0.5))["audio_features"]
     np.testing.assert_allclose(single[0], batch["audio_features"][0].numpy(), rtol=1e-5, atol=1e-5)
@@ -108,6 +108,62 @@ def test_feature_extractor_pitch(f0):
     noise = np.random.default_rng(1).standard_normal(RATE).astype(np.float32) * 0.1
     unvoiced = dict(zip(extractor.feature_names, extractor(noise)["audio_features"][0]))
     assert unvoiced["voiced_fraction"] < 0.2
+
+
+def chirp(f_start=120.0, f_end=240.0, seconds=1.0, rate=RATE, amplitude=0.1):
+    """A harmonic tone whose F0 glides exponentially from f_start to f_end (a constant rate in semitones / s)."""
+    t = np.arange(int(seconds * rate)) / rate
+    k = np.log(f_end / f_start) / seconds
+    phase = 2 * np.pi * f_start * (np.exp(k * t) - 1) / k
+    return (sum(np.sin(h * phase) / h for h in range(1, 8)) * amplitude).astype(np.float32)
+
+
+def test_feature_extractor_pitch_dynamics_follow_a_chirp():
+    extractor = MeritsAcousticFeatureExtractor()
+    names = extractor.feature_names
+    rising = dict(zip(names, extractor(chirp(120.0, 240.0))["audio_features"][0]))  # one octave in 1 s: 12 st/s
+    falling = dict(zip(names, extractor(chirp(240.0, 120.0))["audio_features"][0]))
+    steady = dict(zip(names, extractor(harmonic(f0=180.0))["audio_features"][0]))
+    assert rising["pitch_st_slope"] == pytest.approx(12.0, abs=1.0)
+    assert falling["pitch_st_slope"] == pytest.approx(-12.0, abs=1.0)
+    assert rising["pitch_delta_st_per_s_rise_mean"] > 3 * rising["pitch_delta_st_per_s_fall_mean"]
+    assert falling["pitch_delta_st_per_s_fall_mean"] > 3 * falling["pitch_delta_st_per_s_rise_mean"]
+    assert rising["pitch_delta_st_per_s_rise_mean"] == pytest.approx(12.0, abs=1.0)
+    assert steady["pitch_delta_st_per_s_rise_mean"] < 1.0 and steady["pitch_delta_st_per_s_fall_mean"] < 1.0
+    # F0 percentiles of the rising chirp: p20 / p80 of an even glide from 0 to 12 semitones above 120 Hz
+    base = 12 * np.log2(120.0 / 27.5)
+    assert rising["pitch_st_p20"] == pytest.approx(base + 0.2 * 12, abs=1.0)
+    assert rising["pitch_st_p80"] == pytest.approx(base + 0.8 * 12, abs=1.0)
+    # the steady tone has voiced but no unvoiced frames, so its unvoiced MFCC means are the zeros of "none"
+    assert all(steady[f"mfcc{i}_unvoiced_mean"] == 0.0 for i in range(13))
+    assert steady["mfcc1_voiced_mean"] == pytest.approx(steady["mfcc1_mean"], abs=1e-3)
+
+
+def test_feature_extractor_harmonicity_slope_and_deltas():
+    extractor = MeritsAcousticFeatureExtractor()
+    names = extractor.feature_names
+    rng = np.random.default_rng(2)
+
+    def values(signal):
+        return dict(zip(names, extractor(signal)["audio_features"][0]))
+
+    clean = values(harmonic(f0=150.0, amplitude=0.1))
+    noisy = values(harmonic(f0=150.0, amplitude=0.1) + 0.04 * rng.standard_normal(RATE).astype(np.float32))
+    assert clean["hnr_db_mean"] > noisy["hnr_db_mean"] + 3
+    # spectral slopes: white noise is flat, integrated ("brown", -6 dB / octave) noise falls steeply
+    white = rng.standard_normal(RATE) * 0.05
+    brown = np.cumsum(white)
+    brown = brown - np.convolve(brown, np.ones(401) / 401, mode="same")  # remove the slow drift
+    white, brown = values(white.astype(np.float32)), values((brown / np.abs(brown).max() * 0.1).astype(np.float32))
+    assert abs(white["slope_500_1500_unvoiced_mean"]) < 3
+    assert brown["slope_0_500_unvoiced_mean"] < white["slope_0_500_unvoiced_mean"] - 20
+    assert brown["slope_500_1500_unvoiced_mean"] < white["slope_500_1500_unvoiced_mean"] - 5
+    # a syllable-like amplitude modulation moves the spectrum from frame to frame: larger MFCC-0 deltas and
+    # loudness changes than the steady tone
+    modulated = values(harmonic(f0=150.0, syllable_rate=4.0))
+    assert modulated["mfcc0_delta_std"] > 3 * clean["mfcc0_delta_std"]
+    assert modulated["loudness_delta_db_per_s_rise_mean"] > 3 * clean["loudness_delta_db_per_s_rise_mean"]
+    assert modulated["logmel5_p90"] - modulated["logmel5_p10"] > clean["logmel5_p90"] - clean["logmel5_p10"] + 1
 
 
 def test_feature_extractor_energy_and_rate_follow_the_signal():
@@ -134,7 +190,7 @@ def test_feature_extractor_fit_save_and_load(tmp_path):
     extractor.save_pretrained(tmp_path)
     assert (tmp_path / "preprocessor_config.json").is_file()
     reloaded = MeritsAcousticFeatureExtractor.from_pretrained(tmp_path)
-    assert reloaded.do_normalize and reloaded.feature_size == 116
+    assert reloaded.do_normalize and reloaded.feature_size == 225
     np.testing.assert_allclose(reloaded(training)["audio_features"], normalised, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="needs feature_mean and feature_std"):
         MeritsAcousticFeatureExtractor(do_normalize=True)
