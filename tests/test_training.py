@@ -259,15 +259,17 @@ def test_final_results_pick_the_last_stage_head():
 @pytest.mark.slow
 def test_two_gloo_processes_reach_the_quality_of_one(features, tmp_path):
     """torchrun --nproc_per_node 2 (2 real CPU processes, gloo DDP) against a 1-process run."""
-    def run(out, nproc):
+    def run(out, nproc, extra=()):
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                   str(29500 + nproc), str(REPO / "train.py"), *feature_argv(features, out, epochs=4)]
+                   str(29500 + nproc), str(REPO / "train.py"), *feature_argv(features, out, epochs=4), *extra]
         return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def errors(result):  # torchrun's own summary closes stderr: show the ranks' errors above it too
+        return "\n".join(line for line in result.stderr.splitlines() if "Error" in line)[-3000:] + result.stderr[-1500:]
 
     single, double = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
     assert single.returncode == 0, single.stderr[-2000:]
-    # torchrun's own summary closes stderr: show the ranks' errors above it too
-    assert double.returncode == 0, "\n".join(line for line in double.stderr.splitlines() if "Error" in line)[-3000:] + double.stderr[-1500:]
+    assert double.returncode == 0, errors(double)
     one = json.loads((tmp_path / "one" / "all_results.json").read_text())
     two = json.loads((tmp_path / "two" / "all_results.json").read_text())
     # two ranks of one DDP run, not two independent single-process runs racing on one folder
@@ -275,6 +277,14 @@ def test_two_gloo_processes_reach_the_quality_of_one(features, tmp_path):
     # every validation utterance is scored exactly once under DDP (gather_for_metrics drops the padding duplicates)
     assert two["validation_num_examples"] == one["validation_num_examples"]
     assert two["validation_weighted_f1"] >= one["validation_weighted_f1"] - 0.1
+
+    # a 2-process run killed mid-stage and resumed (both ranks restore their own RNG state) ends like the unbroken one
+    killed = run(tmp_path / "killed", 2, ["--debug_exit_after_step", "10"])
+    assert killed.returncode != 0 and not (tmp_path / "killed" / "all_results.json").exists()
+    resumed = run(tmp_path / "killed", 2, ["--resume"])
+    assert resumed.returncode == 0, errors(resumed)
+    assert "resumed from" in resumed.stdout
+    assert json.loads((tmp_path / "killed" / "all_results.json").read_text()) == two
 
 
 # ----------------------------------------------------------------------------------------------

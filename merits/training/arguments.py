@@ -64,6 +64,10 @@ class StageArguments:
     warmup_ratio: float = 0.0
     max_grad_norm: Optional[float] = 1.0
     early_stopping_patience: Optional[int] = None  # epochs without a better validation wF1
+    # batches of conversations of similar length, in a random order (merits.training.loop.LengthGroupedSampler):
+    # less padding computed per real turn. Default on for the conversation stages (context, fusion, moe), off for
+    # pretrain / utterance (one-turn items; when on there, they are grouped by text length)
+    group_by_length: bool = True
 
 
 def _stage(**overrides) -> StageArguments:
@@ -132,8 +136,10 @@ class TrainingArguments:
     fold_candidates: Optional[list] = None  # settings compared on the folds: mappings of options ({"utterance.learning_rate": 1e-3})
 
     # --- stages ---
-    pretrain: StageArguments = field(default_factory=lambda: _stage(num_epochs=10, learning_rate=2e-5, warmup_ratio=0.1))
-    utterance: StageArguments = field(default_factory=StageArguments)
+    pretrain: StageArguments = field(
+        default_factory=lambda: _stage(num_epochs=10, learning_rate=2e-5, warmup_ratio=0.1, group_by_length=False)
+    )
+    utterance: StageArguments = field(default_factory=lambda: _stage(group_by_length=False))
     context: StageArguments = field(default_factory=StageArguments)
     fusion: StageArguments = field(default_factory=StageArguments)
     moe: StageArguments = field(

@@ -101,6 +101,103 @@ class EpochShuffleSampler(Sampler):
         return self.num_items
 
 
+def item_lengths(items: Sequence) -> list[int]:
+    """The padded length each training item brings to a batch, read from the items already in memory.
+
+    A conversation (a list of turn rows, as ``plan.train`` holds them) counts its turns. Items of one turn
+    (stage 0/I: ``utterance_items``) count the characters of their ``text``, else the samples of an
+    in-memory ``audio`` array, else 1 (fixed-size ``audio_features``: nothing to group).
+    """
+    lengths = []
+    for item in items:
+        if len(item) != 1:
+            lengths.append(len(item))
+            continue
+        row = item[0]
+        text, audio = row.get("text"), row.get("audio")
+        if isinstance(text, str):
+            lengths.append(max(1, len(text)))
+        elif isinstance(audio, dict) and audio.get("array") is not None:
+            lengths.append(max(1, len(audio["array"])))
+        elif audio is not None and hasattr(audio, "__len__") and not isinstance(audio, (str, dict)):
+            lengths.append(max(1, len(audio)))
+        else:
+            lengths.append(1)
+    return lengths
+
+
+class LengthGroupedSampler(Sampler):
+    """Batches of items of similar length in a random order, fixed by ``seed + epoch``.
+
+    Like ``transformers.trainer_pt_utils.LengthGroupedSampler``: a random permutation (the epoch's seed) is
+    cut into mega-batches of ``mega_batch_mult`` batches, each mega-batch is sorted by length (longest
+    first; ties keep the random order) and cut into batches of ``batch_size``; then the order of the full
+    batches is shuffled with the same generator. A short batch (the remainder, when ``batch_size`` does not
+    divide the number of items) comes last, so every ``batch_size`` consecutive indices form one batch.
+
+    ``batch_size`` is the batch of one optimiser update over all processes and accumulation steps: accelerate
+    deals the per-process batches round-robin, so each update's micro-batches on every rank come from one
+    length-sorted batch. Every rank builds the same order (it depends on ``seed`` and the epoch only),
+    and ``skip_first_batches`` on a resumed run skips exactly the batches an unbroken run trained on.
+
+    Args:
+        lengths: the length of every item (:func:`item_lengths`).
+        batch_size: items per (global) batch.
+        seed: the run's seed; the epoch is added to it (``set_epoch``).
+        mega_batch_mult: batches per mega-batch. Default ``min(50, max(4, n // (4 * batch_size)))``: at least
+            4 batches per sorted group (homogeneous batches), and several groups per epoch when there are
+            enough items (the batches' composition still changes from epoch to epoch).
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, mega_batch_mult: int | None = None):
+        if batch_size <= 0:
+            raise ValueError(f"LengthGroupedSampler: batch_size must be positive, got {batch_size}")
+        self.lengths = [int(n) for n in lengths]
+        self.batch_size = int(batch_size)
+        self.seed = seed
+        if mega_batch_mult is None:
+            mega_batch_mult = min(50, max(4, len(self.lengths) // (4 * self.batch_size)))
+        if mega_batch_mult <= 0:
+            raise ValueError(f"LengthGroupedSampler: mega_batch_mult must be positive, got {mega_batch_mult}")
+        self.mega_batch_mult = int(mega_batch_mult)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        """This epoch's batches, in order (the indices ``__iter__`` yields, cut every ``batch_size``)."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        mega = self.mega_batch_mult * self.batch_size
+        full, remainder = [], []
+        for start in range(0, len(order), mega):
+            group = sorted(order[start : start + mega], key=lambda i: -self.lengths[i])  # stable sort
+            for begin in range(0, len(group), self.batch_size):
+                batch = group[begin : begin + self.batch_size]
+                (full if len(batch) == self.batch_size else remainder).append(batch)
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+        return shuffled + remainder  # only the last mega-batch can leave a remainder
+
+    def __iter__(self):
+        return iter([index for batch in self.batches() for index in batch])
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+def training_sampler(plan: "StagePlan", seed: int, per_device: int, processes: int) -> Sampler:
+    """The stage's training order: length-grouped batches (``group_by_length``) or a plain permutation.
+
+    The grouped batch is one optimiser update (per-process batch x processes x accumulation steps): its
+    micro-batches and the ranks' shares are consecutive slices of one length-sorted batch.
+    """
+    if plan.arguments.group_by_length:
+        update_batch = per_device * processes * plan.arguments.gradient_accumulation_steps
+        return LengthGroupedSampler(item_lengths(plan.train), update_batch, seed)
+    return EpochShuffleSampler(len(plan.train), seed)
+
+
 def _logits(output, spec: str) -> torch.Tensor | None:
     if spec.startswith("expert_logits:"):
         experts = getattr(output, "expert_logits", None)
@@ -257,7 +354,7 @@ def run_stage(model: torch.nn.Module, plan: StagePlan, run_args, run_dir: Path, 
             f"[{plan.tag}] batch_size {arguments.batch_size} is not a multiple of {processes} processes x "
             f"{arguments.gradient_accumulation_steps} accumulation steps: using {per_device} per process"
         )
-    sampler = EpochShuffleSampler(len(plan.train), run_args.seed)
+    sampler = training_sampler(plan, run_args.seed, per_device, processes)
     # Every loader gets its own generator: creating an iterator must not draw from the global torch RNG
     # (dropout's), or a run resumed mid-epoch would see other dropout masks than an unbroken one.
     train_loader = DataLoader(
