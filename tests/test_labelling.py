@@ -399,3 +399,28 @@ def test_cli_bad_valence_column_names_row(tmp_path, capsys):
     code = main(["--transcripts", str(csv_path), "--out", str(tmp_path / "out"), "--llm-model", "m",
                  "--valence-column", "arousal"])
     assert code == 2 and "--valence-column 'arousal' is not a column of the input" in capsys.readouterr().err
+
+
+def test_vllm_server_passes_extra_env_and_args(tmp_path):
+    """VLLMServer hands its ``env`` and ``extra_args`` to the server process (checked with a fake python that
+    records them and exits), keeps the mandatory CPU settings, and reports the early exit with its log."""
+    import sys
+
+    from merits.labelling.vllm_server import VLLMServer
+
+    record = tmp_path / "seen.json"
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                    f"json.dump({{'argv': sys.argv[1:], 'env': dict(os.environ)}}, open({str(record)!r}, 'w'))\n"
+                    "print('fake server gives up'); sys.exit(3)\n")
+    fake.chmod(0o755)
+    server = VLLMServer(tmp_path / "model", python=fake, log_path=tmp_path / "server.log", startup_timeout=30,
+                        extra_args=("--max-num-seqs=8",), env={"VLLM_SERVER_DEV_MODE": "1"})
+    with pytest.raises(RuntimeError, match="exited with code 3") as error:
+        server.start()
+    assert "fake server gives up" in str(error.value)
+    seen = json.loads(record.read_text())
+    assert seen["env"]["VLLM_SERVER_DEV_MODE"] == "1" and seen["env"]["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert seen["argv"][:2] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert "--enforce-eager" in seen["argv"] and seen["argv"][-1] == "--max-num-seqs=8"
+    assert server.process is None  # stopped after the failed start

@@ -117,10 +117,14 @@ class VLLMServer:
         port: default a free port.
         log_path: where the server's output goes (default ``model_dir/../vllm-server.log``).
         startup_timeout: seconds to wait for ``/v1/models``.
+        extra_args: more server arguments, e.g. ``("--max-num-seqs=128",)``.
+        env: more environment variables for the server, e.g. ``{"VLLM_SERVER_DEV_MODE": "1"}`` (which
+            adds ``POST /reset_prefix_cache``) or ``{"VLLM_CPU_OMP_THREADS_BIND": "0-1"}``.
     """
 
     def __init__(self, model_dir, served_name: str = "tiny-llama", python=None, port: int | None = None,
-                 log_path=None, startup_timeout: float = 300.0, extra_args: tuple[str, ...] = ()):
+                 log_path=None, startup_timeout: float = 300.0, extra_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None):
         self.model_dir = Path(model_dir)
         self.served_name = served_name
         self.python = Path(python) if python else vllm_python()
@@ -130,6 +134,7 @@ class VLLMServer:
         self.log_path = Path(log_path) if log_path else self.model_dir.parent / f"vllm-server-{self.port}.log"
         self.startup_timeout = startup_timeout
         self.extra_args = tuple(extra_args)
+        self.env = dict(env or {})
         self.process: subprocess.Popen | None = None
 
     @property
@@ -140,6 +145,7 @@ class VLLMServer:
         import httpx
 
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL=os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"))
+        env.update(self.env)
         command = [
             str(self.python), "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(self.model_dir), "--served-model-name", self.served_name,
