@@ -5,12 +5,17 @@ Full-size model with random weights (costs the same as trained ones): a roberta-
 (24 layers, d=1024) + the acoustic-feature speech route, MiSTER-E head (paper sizes). Synthetic
 conversations of turns of 4-40 words and 0.5-3 s of audio.
 
-    python bench/bench_inference.py [--conversations 12] [--turns 8]
+    python bench/bench_inference.py [--conversations 8] [--turns 8]
+
+The default (64 utterances: two pipeline batches of 4 conversations) takes about 2-3 minutes on an idle
+2-core machine, most of it in the naive loop; ``total_seconds`` and ``process_cpu_seconds`` are recorded
+with the figures (on a shared machine, ``process_cpu_seconds / threads`` estimates the idle wall time).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -98,13 +103,14 @@ def timed(function, repeats=1):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--conversations", type=int, default=12)
+    parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--utterance-batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load_before, run_start, cpu_start = os.getloadavg()[0], time.perf_counter(), time.process_time()
 
     model, processor = full_size_model()
     conversations = synthetic_conversations(args.conversations, args.turns)
@@ -137,12 +143,18 @@ def main():
         "max_probability_difference_batched_vs_naive": max_diff,
         "max_probability_difference_bf16_vs_naive": bf16_diff,
         "bf16_label_agreement_with_naive": bf16_agree,
+        "torch_threads": torch.get_num_threads(),
+        "total_seconds": time.perf_counter() - run_start,
+        "process_cpu_seconds": time.process_time() - cpu_start,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg()[0],
     }
     record("inference", figures, notes=(
         f"mister-e, roberta-large-size text encoder (random weights) + acoustic-feature speech route; "
         f"{args.conversations} synthetic conversations x {args.turns} turns of 4-40 words / 0.5-3 s; "
         f"pipeline batch_size={args.batch_size}, utterance_batch_size={args.utterance_batch_size}; "
-        f"{args.threads} threads; one timed run each after a warm-up"))
+        f"{args.threads} threads; one timed run each after a warm-up; total_seconds = the whole run (model build "
+        f"included); the machine is shared, see load_average_*"))
 
 
 if __name__ == "__main__":

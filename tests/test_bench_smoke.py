@@ -171,11 +171,34 @@ def test_flop_counts_match_parameter_counts():
     assert bench_extraction.wav2vec_frames(16000, (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2))[-1] == 49
 
 
-def test_extraction_quick_text_runs():
-    figures = bench_extraction.main(["--quick", "--no_record", "--modalities", "text", "--threads", "1"])
+def test_extraction_quick_text_runs(monkeypatch):
+    from merits.data import cache
+
+    plans = []
+    planner = cache.length_batches
+
+    def spy(lengths, batch_size, max_tokens=None):
+        plans.append((list(lengths), batch_size, max_tokens))
+        return planner(lengths, batch_size, max_tokens)
+
+    monkeypatch.setattr(cache, "length_batches", spy)  # the benchmark's batches are the embedding cache's
+    figures = bench_extraction.main(["--quick", "--no_record", "--modalities", "text", "--threads", "1",
+                                     "--max_tokens", "30", "--bf16", "off"])
+    assert len(plans) == 1 and plans[0][1:] == (64, 30)
+    assert figures["text/batches"] == len(planner(*plans[0]))
     assert figures["text/naive_utterances_per_second"] > 0
     assert figures["text/max_abs_diff_naive_vs_batched"] < 1e-3  # batching must not change the embeddings
+    assert figures["text/padded_per_real_positions"] >= 1.0
     assert 0 < figures["text/batched_fraction_of_matmul_peak"]
+    assert 0 < figures["text/batched_fraction_of_ffn_shape_matmul"] and figures["text/ffn_matmul_shape"] == "30x64x128"
+    assert "text/batched_bf16_gflops_per_second" not in figures
+
+
+def test_matmul_peak_shapes_and_dtypes():
+    import torch
+
+    assert bench_extraction.matmul_peak_gflops(shape=(8, 16, 32), repeats=2) > 0
+    assert bench_extraction.matmul_peak_gflops(64, repeats=2, dtype=torch.bfloat16) > 0
 
 
 # ------------------------------------------------------------------------------------------ bench_accuracy
