@@ -148,6 +148,8 @@ class MeritsConfig(PretrainedConfig):
             utterance embedding (merits-l [768, 256] §2.3; mister-e [2048]).
         speech_head_activation (`str`, *optional*): None (the CARE head has no nonlinearity), "relu", "gelu", "tanh".
         speech_head_dropout (`float`): dropout after each hidden layer of the speech head.
+        speech_head_input_dropout (`float`): dropout on the speech head's input vector (0: the papers' heads; a
+            regulariser for small corpora of hand-crafted statistics, e.g. EmoDB's 408 clips).
         context_num_layers (`int`): GRU layers of the context encoders (merits-l 2, mister-e 3).
         context_text_hidden_size / context_audio_hidden_size (`int`): GRU hidden size per direction (merits-l
             512/128, mister-e 512/512); the context features are twice as wide.
@@ -188,6 +190,7 @@ class MeritsConfig(PretrainedConfig):
         speech_head_hidden_sizes=None,
         speech_head_activation="default",
         speech_head_dropout=None,
+        speech_head_input_dropout=0.0,
         context_num_layers=None,
         context_text_hidden_size=None,
         context_audio_hidden_size=None,
@@ -250,6 +253,9 @@ class MeritsConfig(PretrainedConfig):
                 f"Unknown speech_head_activation {self.speech_head_activation!r}; valid ones are {ACTIVATIONS}."
             )
         self.speech_head_dropout = float(pick(speech_head_dropout, "speech_head_dropout"))
+        self.speech_head_input_dropout = float(speech_head_input_dropout)
+        if not 0.0 <= self.speech_head_input_dropout < 1.0:
+            raise ValueError(f"`speech_head_input_dropout` must be in [0, 1), got {self.speech_head_input_dropout}.")
 
         # ---- context encoders -------------------------------------------------------------------------------
         self.context_num_layers = int(pick(context_num_layers, "context_num_layers"))

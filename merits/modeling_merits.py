@@ -63,6 +63,8 @@ class MeritsConversationClassifierOutput(ModelOutput):
             an expert that is disabled or whose modality is absent at that turn.
         text_embeds, audio_embeds (`(B, T, D)`, *optional*): the utterance embeddings used (zero where absent).
         loss_terms (`dict[str, torch.FloatTensor]`, *optional*): every term of the loss, unweighted, detached.
+        text_context_features, audio_context_features (`(B, T, 2H)`, *optional*): MERITS-L stage II features c_i
+            (the context encoders' outputs that stage III fuses); zero at padded turns.
     """
 
     loss: Optional[torch.FloatTensor] = None
@@ -77,6 +79,8 @@ class MeritsConversationClassifierOutput(ModelOutput):
     text_embeds: Optional[torch.FloatTensor] = None
     audio_embeds: Optional[torch.FloatTensor] = None
     loss_terms: Optional[dict] = None
+    text_context_features: Optional[torch.FloatTensor] = None
+    audio_context_features: Optional[torch.FloatTensor] = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -308,7 +312,7 @@ class MeritsSpeechEncoder(nn.Module):
             input_size = config.audio_feature_dim
             if config.audio_feature_layers is not None:
                 self.layer_weights = nn.Parameter(torch.zeros(config.audio_feature_layers))
-        layers = []
+        layers = [nn.Dropout(config.speech_head_input_dropout)] if config.speech_head_input_dropout > 0 else []
         for index, hidden_size in enumerate(config.speech_head_hidden_sizes):
             if index > 0:
                 layers.append(nn.Dropout(config.speech_head_dropout))
@@ -316,7 +320,7 @@ class MeritsSpeechEncoder(nn.Module):
             if config.speech_head_activation is not None:
                 layers.append(_ACTIVATIONS[config.speech_head_activation]())
             input_size = hidden_size
-        self.head = nn.Sequential(*layers)  # Linear -> [act] (-> Dropout -> Linear -> [act])*; output = embedding
+        self.head = nn.Sequential(*layers)  # [Dropout] -> Linear -> [act] (-> Dropout -> Linear -> [act])*; output = embedding
         self.dropout = nn.Dropout(config.speech_head_dropout)
         self.classifier = nn.Linear(input_size, config.num_labels)
 
@@ -648,6 +652,13 @@ class MeritsContextEncoder(nn.Module):
         features = features * turn_mask.unsqueeze(-1).to(features.dtype)
         logits = self.classifier(self.dropout(features)) * turn_mask.unsqueeze(-1).to(features.dtype)
         return features, logits
+
+    def classify(self, features, turn_mask):
+        """Exported stage II features [B, T, 2H] (as `forward` returned them) -> (features, logits), zero at padded
+        turns: the classifier alone, so that stage III can train on features computed once (§3.1)."""
+        keep = turn_mask.bool().unsqueeze(-1).to(features.dtype)
+        features = features * keep
+        return features, self.classifier(self.dropout(features)) * keep
 
     # ---- streaming (causal only) ------------------------------------------------------------------------------
     def init_state(self, batch_size, device, dtype):
@@ -1128,6 +1139,25 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
                         audio = audio * keep
         return {"text": text, "audio": audio}
 
+    @torch.no_grad()
+    def get_context_features(self, text_embeds=None, audio_embeds=None, turn_mask=None, text_mask=None, audio_mask=None,
+                             **unused):
+        """MERITS-L stage II features c_i of each modality (§3.1: exported, then fused in stage III), computed in eval
+        mode: dict(text_context_features=[B, T, 2H_text] or None, audio_context_features=[B, T, 2H_audio] or None).
+        Passing them back to `forward(..., stage="fusion")` gives the same output as recomputing them from the
+        embeddings, without running the frozen context encoders at every training step."""
+        if self.config.architecture != "merits-l":
+            raise ValueError("get_context_features exports MERITS-L stage II features; MiSTER-E trains its context "
+                             "experts jointly with the rest of the MoE.")
+        was_training = self.training
+        self.eval()
+        try:
+            out = self(text_embeds=text_embeds, audio_embeds=audio_embeds, turn_mask=turn_mask, text_mask=text_mask,
+                       audio_mask=audio_mask, stage="context")
+        finally:
+            self.train(was_training)
+        return {"text_context_features": out.text_context_features, "audio_context_features": out.audio_context_features}
+
     # ---- helpers for forward ------------------------------------------------------------------------------------
     def _classification_loss(self, logits, labels, mask, stage):
         if self.config.classification_loss == "ce":
@@ -1218,10 +1248,20 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
         labels=None,
         stage=None,
         return_dict=True,
+        text_context_features=None,
+        audio_context_features=None,
         **unused,
     ):
         config = self.config
         stage = config.check_stage(stage if stage is not None else config.stage)
+        context_features = {"text": text_context_features, "audio": audio_context_features}
+        if any(v is not None for v in context_features.values()) and (
+            config.architecture != "merits-l" or stage != "fusion"
+        ):
+            raise ValueError(
+                "`text_context_features` / `audio_context_features` (exported stage II features) feed the merits-l "
+                f"fusion stage only, with frozen context encoders; got architecture {config.architecture!r}, stage {stage!r}."
+            )
         text_given = input_ids is not None or text_embeds is not None
         audio_given = any(x is not None for x in (input_values, input_features, audio_features, audio_embeds))
         turn_mask, text_mask, audio_mask = self._prepare_masks(
@@ -1274,7 +1314,7 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
 
         if config.architecture == "merits-l":
             logits, loss = self._forward_merits_l(stage, text_embeds, audio_embeds, turn_mask, text_mask, audio_mask,
-                                                  labels, out, terms)
+                                                  labels, out, terms, context_features)
         else:
             logits, loss = self._forward_mister_e(text_embeds, audio_embeds, turn_mask, text_mask, audio_mask, labels,
                                                   out, terms)
@@ -1285,15 +1325,31 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
         gap = max([m.conv_gap for m in (self.text_context, self.audio_context) if m is not None] or [0])
         return MeritsTurnPlan(turn_mask, gap=gap)
 
-    def _forward_merits_l(self, stage, text_embeds, audio_embeds, turn_mask, text_mask, audio_mask, labels, out, terms):
+    def _context(self, module, embeds, exported, turn_mask, key_mask, plan):
+        """A context encoder's (features, logits): from its exported stage II features when given, else computed."""
+        if exported is not None:
+            expected = (*turn_mask.shape, module.output_size)
+            if tuple(exported.shape) != expected:
+                raise ValueError(f"exported context features must be [B, T, 2H] = {expected}, got {tuple(exported.shape)}.")
+            grad = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+            with torch.set_grad_enabled(grad):
+                return module.classify(exported.to(self.dtype), turn_mask)
+        return self._run(module, embeds, turn_mask, key_mask, plan=plan)
+
+    def _forward_merits_l(self, stage, text_embeds, audio_embeds, turn_mask, text_mask, audio_mask, labels, out, terms,
+                          context_features=None):
         ctx_text = ctx_audio = None
         text_features = audio_features = None
+        context_features = context_features or {}
         plan = self._turn_plan(turn_mask)
         if self.text_context is not None:
-            text_features, ctx_text = self._run(self.text_context, text_embeds, turn_mask, text_mask, plan=plan)
+            text_features, ctx_text = self._context(self.text_context, text_embeds, context_features.get("text"),
+                                                    turn_mask, text_mask, plan)
         if self.audio_context is not None:
-            audio_features, ctx_audio = self._run(self.audio_context, audio_embeds, turn_mask, audio_mask, plan=plan)
-        out.update(context_text_logits=ctx_text, context_audio_logits=ctx_audio)
+            audio_features, ctx_audio = self._context(self.audio_context, audio_embeds, context_features.get("audio"),
+                                                      turn_mask, audio_mask, plan)
+        out.update(context_text_logits=ctx_text, context_audio_logits=ctx_audio,
+                   text_context_features=text_features, audio_context_features=audio_features)
         context_logits = self._combine(ctx_text, ctx_audio, text_mask, audio_mask)
         if stage == "context":
             if labels is not None:

@@ -101,6 +101,15 @@ def test_feature_collator_masks_padding_and_labels():
         FeatureCollator(label2id={"happy": 0})([[dict(turn=0, label="joy", text_embeds=[0.0])]])
     long = FeatureCollator()([[row(t) for t in range(500)], [row(0)]])  # a 500-turn and a 1-turn conversation
     assert long["turn_mask"].shape == (2, 500) and long["turn_mask"][1].sum() == 1
+    # exported stage II features (MERITS-L stage III): zero-padded, leave the modality masks alone
+    with_context = [[dict(row(t, audio=t != 1), text_context_features=np.full(2, t, np.float32)) for t in range(3)],
+                    [dict(row(0), text_context_features=np.ones(2, np.float32))]]
+    batch = FeatureCollator()(with_context)
+    assert batch["text_context_features"].shape == (2, 3, 2) and "audio_context_features" not in batch
+    assert batch["text_context_features"][0, :, 0].tolist() == [0.0, 1.0, 2.0]
+    assert batch["text_context_features"][1, 1:].abs().sum() == 0 and batch["audio_mask"].tolist() == [[1, 0, 1], [1, 0, 0]]
+    with pytest.raises(ValueError, match="every turn of the batch needs it, or none"):
+        FeatureCollator()([[with_context[0][0], row(1)]])
 
 
 def test_conversation_collator_runs_the_processor(corpus, processor, tmp_path):

@@ -77,6 +77,7 @@ def randomize(model, std=0.5, seed=0):
         (dict(text_embed_dim=4, fusion_attention_size=10, fusion_num_heads=3), "divisible"),
         (dict(audio_feature_layers=3), "needs `audio_feature_dim`"),
         (dict(text_config={"hidden_size": 8}), "must contain `model_type`"),
+        (dict(audio_feature_dim=20, speech_head_input_dropout=1.0), "speech_head_input_dropout"),
     ],
 )
 def test_bad_configs_raise_clear_errors(kwargs, message):
@@ -189,6 +190,27 @@ def test_decoder_llm_text_whisper_audio_and_care_features():
         model(text_embeds=embeds()[0], audio_features=torch.randn(B, T, 4, 20), turn_mask=TURN_MASK)
     with pytest.raises(ValueError, match="needs raw inputs"):
         model(text_embeds=embeds()[0], audio_embeds=embeds()[1][..., :8], turn_mask=TURN_MASK, stage="utterance")
+
+
+def test_speech_head_input_dropout_acts_in_training_only():
+    """The optional input dropout of the speech head: off by default (the papers' heads), random in train mode,
+    the identity in eval mode, and the layer names of a head without it are unchanged (old checkpoints load)."""
+    plain, dropped = make_model("merits-l", audio_feature_dim=20), make_model("merits-l", audio_feature_dim=20,
+                                                                               speech_head_input_dropout=0.5)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in plain.speech_encoder.head[:1])
+    assert isinstance(dropped.speech_encoder.head[0], torch.nn.Dropout) and dropped.speech_encoder.head[0].p == 0.5
+    features = torch.randn(B, T, 20)
+    dropped.eval()
+    with torch.no_grad():
+        first = dropped(text_embeds=embeds()[0], audio_features=features, turn_mask=TURN_MASK, stage="utterance")
+        again = dropped(text_embeds=embeds()[0], audio_features=features, turn_mask=TURN_MASK, stage="utterance")
+    torch.testing.assert_close(first.utterance_audio_logits, again.utterance_audio_logits)
+    dropped.train()
+    head = dropped.speech_encoder.head
+    torch.manual_seed(0)
+    assert not torch.equal(head(features.reshape(-1, 20)), head(features.reshape(-1, 20)))
+    assert [k for k in plain.state_dict() if k.startswith("speech_encoder.head")] == [
+        "speech_encoder.head.0.weight", "speech_encoder.head.0.bias", "speech_encoder.head.2.weight", "speech_encoder.head.2.bias"]
 
 
 def test_mismatched_embedding_sizes_fail_clearly():
@@ -683,3 +705,53 @@ def test_bf16_autocast_forward_is_finite(architecture):
     out.loss.backward()
     assert torch.isfinite(out.logits.float()).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_exported_stage2_features_give_the_same_fusion_stage():
+    """Stage III on the exported stage II features c_i (§3.1) equals stage III recomputing them: logits, loss and
+    the fusion gradients; a turn without audio still falls back to the text context logits."""
+    model = randomize(make_model("merits-l"))
+    model.freeze_for_stage("fusion")
+    text, audio = embeds()
+    audio_mask = TURN_MASK.clone()
+    audio_mask[0, 2] = 0  # one turn without audio
+    inputs = dict(text_embeds=text, audio_embeds=audio, turn_mask=TURN_MASK, audio_mask=audio_mask, labels=LABELS)
+    exported = model.get_context_features(**inputs)
+    assert exported["text_context_features"].shape == (B, T, 2 * model.config.context_text_hidden_size)
+    assert exported["audio_context_features"].shape == (B, T, 2 * model.config.context_audio_hidden_size)
+    assert not exported["text_context_features"].requires_grad
+    assert (exported["text_context_features"][1, 3] == 0).all()  # padded turn
+    model.eval()  # same dropout masks (none) in both passes
+    grads = []
+    for extra in ({}, exported):
+        model.zero_grad()
+        out = model(**inputs, stage="fusion", **extra)
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        if extra:
+            fast = out
+        else:
+            full = out
+    torch.testing.assert_close(fast.logits, full.logits)
+    torch.testing.assert_close(fast.loss, full.loss)
+    torch.testing.assert_close(fast.logits[0, 2], full.context_text_logits[0, 2])  # the text fallback
+    assert grads[0].keys() == grads[1].keys() and all(n.startswith("fusion") for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name])
+
+
+def test_exported_stage2_features_are_refused_where_they_do_not_apply():
+    text, audio = embeds()
+    model = make_model("merits-l")
+    exported = model.get_context_features(text_embeds=text, audio_embeds=audio, turn_mask=TURN_MASK)
+    for stage in ("context", "context+fusion"):  # these train the context encoders: features must be recomputed
+        with pytest.raises(ValueError, match="fusion stage only"):
+            model(text_embeds=text, audio_embeds=audio, turn_mask=TURN_MASK, stage=stage, **exported)
+    with pytest.raises(ValueError, match=r"must be \[B, T, 2H\]"):
+        model(text_embeds=text, audio_embeds=audio, turn_mask=TURN_MASK, stage="fusion",
+              text_context_features=exported["text_context_features"][..., :3])
+    mister_e = make_model("mister-e")
+    with pytest.raises(ValueError, match="MiSTER-E trains its context"):
+        mister_e.get_context_features(text_embeds=text, audio_embeds=audio, turn_mask=TURN_MASK)
+    with pytest.raises(ValueError, match="fusion stage only"):
+        mister_e(text_embeds=text, audio_embeds=audio, turn_mask=TURN_MASK, **exported)

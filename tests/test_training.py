@@ -711,3 +711,46 @@ def test_the_demo_run_trains_both_systems_and_shows_the_papers_effects(tmp_path)
     assert me("moe") > max(experts) + 0.01  # the gated mixture > its best expert
     assert (out / "best" / "config.json").is_file() and results["selected_architecture"] in ("merits-l", "mister-e")
     assert cpu < 360, f"the demo took {cpu:.0f} s of CPU time"
+
+
+def test_stage3_trains_on_exported_stage2_features(features, tmp_path, monkeypatch):
+    """MERITS-L stage III never runs the frozen context encoders per step: they run once per conversation to export
+    c_i (export_context_features), and the fusion stage's batches carry those features."""
+    from merits import modeling_merits
+    from merits.training import loop, stages
+
+    calls = {"context": 0, "fusion_batches_with_features": 0}
+    forward = modeling_merits.MeritsContextEncoder.forward
+
+    def counting_forward(self, *args, **kwargs):
+        calls["context"] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_merits.MeritsContextEncoder, "forward", counting_forward)
+    exported = []
+    real_export = stages.export_context_features
+
+    def spy_export(model, conversations, batch_size=16):
+        before = calls["context"]
+        rows = real_export(model, conversations, batch_size)
+        exported.append((len(conversations), calls["context"] - before))
+        return rows
+
+    monkeypatch.setattr(stages, "export_context_features", spy_export)
+    real_run_stage = stages.run_stage
+
+    def spy_run_stage(model, plan, *args, **kwargs):
+        before = calls["context"]
+        result = real_run_stage(model, plan, *args, **kwargs)
+        if plan.stage == "fusion":
+            assert all("text_context_features" in row and "audio_context_features" in row
+                       for conversation in plan.train for row in conversation)
+            calls["fusion_stage_context_calls"] = calls["context"] - before
+        return result
+
+    monkeypatch.setattr(stages, "run_stage", spy_run_stage)
+    results = run_training(parse_args(feature_argv(features, tmp_path / "out", epochs=2)))
+    assert calls["fusion_stage_context_calls"] == 0  # training, validation and test of stage III: none
+    assert [n for n, _ in exported] == [60, 20, 20]  # train / validation / test conversations, once each
+    assert all(0 < c <= 2 * -(-n // 16) for n, c in exported)  # one call per modality per batch of 16
+    assert np.isfinite(results["test_stage3_weighted_f1"])

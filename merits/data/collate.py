@@ -30,6 +30,8 @@ from .schema import UNLABELLED, DataFormatError
 
 IGNORE_INDEX = -100
 EMBEDDING_COLUMNS = ("text_embeds", "audio_embeds", "audio_features")
+#: exported MERITS-L stage II features (``model.get_context_features``): batched like the embeddings, no mask of their own
+CONTEXT_FEATURE_COLUMNS = ("text_context_features", "audio_context_features")
 
 
 def conversation_indices(dataset) -> list[tuple[str, list[int]]]:
@@ -101,7 +103,8 @@ class FeatureCollator:
     """Batches conversations of feature-dataset rows into the tensors of docs/design.md §2.
 
     Each row has ``label`` and any of ``text_embeds`` / ``audio_embeds`` / ``audio_features`` (a list of
-    floats, or None when the turn lacks that modality). Turns are padded to the longest conversation;
+    floats, or None when the turn lacks that modality), and optionally the exported stage II features
+    ``text_context_features`` / ``audio_context_features`` (MERITS-L stage III; every turn or none). Turns are padded to the longest conversation;
     padding is zero with mask 0 and label -100.
 
     With a ``tokenizer``, the rows' ``text`` is tokenised too (``input_ids`` / ``attention_mask`` [N, L] over
@@ -151,6 +154,17 @@ class FeatureCollator:
             output[column] = values
             mask_name = "text_mask" if column == "text_embeds" else "audio_mask"
             output[mask_name] = torch.maximum(output[mask_name], mask) if mask_name in output else mask
+        for column in CONTEXT_FEATURE_COLUMNS:
+            present = [row[column] for conversation in batch for row in conversation if row.get(column) is not None]
+            if not present:
+                continue
+            if len(present) != sum(len(conversation) for conversation in batch):
+                raise ValueError(f"{column}: every turn of the batch needs it, or none (exported for whole conversations)")
+            dim = np.asarray(present[0]).shape[-1]
+            values = torch.zeros(batch_size, max_turns, dim, dtype=torch.float32)
+            for b, conversation in enumerate(batch):
+                values[b, : len(conversation)] = torch.as_tensor(np.stack([np.asarray(r[column], np.float32) for r in conversation]))
+            output[column] = values
         for b, conversation in enumerate(batch):
             turn_mask[b, : len(conversation)] = 1
         if self.tokenizer is not None:

@@ -712,7 +712,11 @@ def run_system(args: TrainingArguments, architecture: str, run_dir: Path, corpus
         else:
             if features is None:
                 features = embed_corpus(model, processor, corpus, cache_dir, run_dir, use_text, use_audio, state)
-            plan = StagePlan(stage, tag, heads, features["train"], features["validation"], features.get("test"),
+            splits = features
+            if stage == "fusion" and architecture == "merits-l":
+                # §3.1: stage III fuses the exported stage II features c_i; the frozen context encoders run once
+                splits = {split: export_context_features(model, conversations) for split, conversations in features.items()}
+            plan = StagePlan(stage, tag, heads, splits["train"], splits["validation"], splits.get("test"),
                              FeatureCollator(), args.stage_arguments(stage), label_names)
             stage_results, stage_predictions = run_stage(model, plan, args, run_dir)
         results.update(stage_results)
@@ -729,6 +733,22 @@ def run_system(args: TrainingArguments, architecture: str, run_dir: Path, corpus
         write_best_model(model, processor, run_dir / "best", results, dataset_name, args)
     state.wait_for_everyone()
     return results
+
+
+def export_context_features(model, conversations: list[list[dict]], batch_size: int = 16) -> list[list[dict]]:
+    """MERITS-L stage II features c_i of every turn (``model.get_context_features``, eval mode, frozen encoders):
+    copies of the feature conversations whose rows also hold ``text_context_features`` / ``audio_context_features``,
+    the inputs of stage III (the co-attention trains on them instead of recomputing the context encoders each step)."""
+    collate = FeatureCollator(label_column=None)
+    device = next(model.parameters()).device
+    exported: list[list[dict]] = []
+    for start in range(0, len(conversations), batch_size):
+        chunk = conversations[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate(chunk).items()}
+        features = {k: v.float().cpu().numpy() for k, v in model.get_context_features(**batch).items() if v is not None}
+        for b, conversation in enumerate(chunk):
+            exported.append([{**row, **{k: v[b, t] for k, v in features.items()}} for t, row in enumerate(conversation)])
+    return exported
 
 
 # ----------------------------------------------------------------------------------------------
