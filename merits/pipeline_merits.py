@@ -28,7 +28,8 @@ How the work is organised (the speed-ups measured by ``bench/bench_inference.py`
   of ``utterance_batch_size`` with padding trimmed to the longest utterance of the chunk, then the
   context encoders / fusion / gate run once on the padded conversation batch;
 - everything runs under ``torch.inference_mode``; ``bf16=True`` adds ``torch.autocast`` in
-  bfloat16 (useful on CPUs with AVX512-BF16/AMX; probabilities are computed in float32).
+  bfloat16 (useful on CPUs with AVX512-BF16/AMX, where it is faster; elsewhere it is emulated and slower, and the
+  pipeline warns; probabilities are computed in float32).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import Pipeline
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 from .processing_merits import EXPERT_NAMES, TARGET_SAMPLING_RATE, MeritsProcessor, load_turn_audio
 
@@ -45,6 +49,20 @@ from .processing_merits import EXPERT_NAMES, TARGET_SAMPLING_RATE, MeritsProcess
 # ----------------------------------------------------------------------------------------------
 # The pipeline
 # ----------------------------------------------------------------------------------------------
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX-BF16), read from /proc/cpuinfo;
+    None where that file does not exist (not Linux: unknown)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[-1].split())
+                    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    except OSError:
+        return None
+    return None
 
 
 def _is_turn(value: Any) -> bool:
@@ -128,6 +146,11 @@ class ConversationEmotionRecognitionPipeline(Pipeline):
             forward_params["utterance_batch_size"] = int(utterance_batch_size)
         if bf16 is not None:
             forward_params["bf16"] = bool(bf16)
+            if bf16 and self.device.type == "cpu" and cpu_has_native_bf16() is False:
+                logger.warning_once(
+                    "bf16=True on a CPU without AVX512-BF16 or AMX: bfloat16 is emulated there and runs slower than "
+                    "float32 (0.37x in bench/bench_inference.py on an AVX2 CPU); leave bf16 off on this machine."
+                )
         if group_by_length is not None:
             forward_params["group_by_length"] = bool(group_by_length)
         if top_k is not None:

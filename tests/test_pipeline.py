@@ -353,3 +353,27 @@ def test_pipeline_from_hub_folder_without_merits(tmp_path):
     np.testing.assert_allclose(probabilities(got["single"], model), probabilities(expected, model), atol=1e-5)
     assert len(got["many"]) == 2 and len(got["many"][1]) == 1
     assert set(got["single"][1]["gate"]) == {"speech", "text", "cross-modal"}
+
+
+def test_bf16_warns_on_a_cpu_without_bf16_instructions(monkeypatch, caplog):
+    """bf16 autocast is emulated (slower than float32) on a CPU without AVX512-BF16/AMX: the pipeline says so once."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from merits import pipeline_merits
+
+    model, processor = build("merits-l")
+    classifier = make_pipeline(model, processor)
+    hf_logging.enable_propagation()
+    try:
+        for native, expected in ((True, False), (None, False), (False, True)):
+            monkeypatch.setattr(pipeline_merits, "cpu_has_native_bf16", lambda: native)
+            pipeline_merits.logger.warning_once.cache_clear()
+            caplog.clear()
+            with caplog.at_level(logging.WARNING):
+                classifier(conversations()[0], bf16=True)
+            assert any("without AVX512-BF16 or AMX" in r.getMessage() for r in caplog.records) is expected, native
+    finally:
+        hf_logging.disable_propagation()
+    assert pipeline_merits.cpu_has_native_bf16() in (True, False, None)
