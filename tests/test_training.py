@@ -754,3 +754,25 @@ def test_stage3_trains_on_exported_stage2_features(features, tmp_path, monkeypat
     assert [n for n, _ in exported] == [60, 20, 20]  # train / validation / test conversations, once each
     assert all(0 < c <= 2 * -(-n // 16) for n, c in exported)  # one call per modality per batch of 16
     assert np.isfinite(results["test_stage3_weighted_f1"])
+
+
+def test_embedding_cache_batching_options_reach_the_cache(tmp_path, monkeypatch):
+    """--embedding_batch_size / --embedding_max_tokens are what the stage I embedding cache batches with."""
+    import merits.data
+
+    seen = []
+    real = merits.data.build_embedding_cache
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["batch_size"], kwargs["max_tokens"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(merits.data, "build_embedding_cache", spy)
+    argv = [*DEMO_TINY, "--architecture", "merits-l", "--output_dir", str(tmp_path / "out"),
+            "--embedding_batch_size", "4", "--embedding_max_tokens", "1"]
+    run_training(parse_args(argv))
+    assert seen and set(seen) == {(4, 1)}
+    assert parse_args(["--embedding_max_tokens", "null"]).embedding_max_tokens is None
+    for option, value in (("--embedding_max_tokens", "0"), ("--embedding_batch_size", "0")):
+        with pytest.raises(ConfigError, match=option.lstrip("-")):
+            parse_args([option, value])

@@ -110,6 +110,12 @@ class TrainingArguments:
     max_train_dialogues: Optional[int] = None  # quick runs: keep the first N conversations of each split
     max_eval_dialogues: Optional[int] = None
     cache_dir: Optional[str] = None  # embedding cache (default OUT/cache)
+    # stage I embedding cache batches (merits.data.cache.length_batches): at most this many utterances and padded
+    # positions (text tokens + speech frames at 50/s) per forward pass. On a CPU with a raw speech backbone,
+    # embedding_max_tokens: 1 (one utterance per pass) was faster than batching (bench/README.md, extraction) and
+    # avoids padding the group-norm feature encoders of wav2vec2-style models; None = fixed batches.
+    embedding_batch_size: int = 32
+    embedding_max_tokens: Optional[int] = 8192
 
     # --- text utterance encoder ---
     text_model_name_or_path: Optional[str] = None  # pretrained backbone (e.g. roberta-large), local path or hub id
@@ -197,6 +203,10 @@ class TrainingArguments:
             for index, candidate in enumerate(self.fold_candidates or []):
                 if not isinstance(candidate, dict):
                     raise ConfigError(f"{where}: fold_candidates[{index}] must be a mapping of options, got {candidate!r}")
+        if self.embedding_batch_size <= 0:
+            raise ConfigError(f"{where}: embedding_batch_size must be positive, got {self.embedding_batch_size}")
+        if self.embedding_max_tokens is not None and self.embedding_max_tokens <= 0:
+            raise ConfigError(f"{where}: embedding_max_tokens must be positive (or null), got {self.embedding_max_tokens}")
         if self.torch_num_threads is not None and self.torch_num_threads <= 0:
             raise ConfigError(f"{where}: torch_num_threads must be positive, got {self.torch_num_threads}")
         if self.checkpointing_steps <= 0:

@@ -614,7 +614,7 @@ def final_results(results: dict, tag: str) -> dict:
 # One system
 # ----------------------------------------------------------------------------------------------
 def embed_corpus(model, processor, corpus: Corpus, cache_dir: Path, run_dir: Path, use_text: bool, use_audio: bool,
-                 state) -> dict[str, list[list[dict]]]:
+                 state, batch_size: int = 32, max_tokens: int | None = 8192) -> dict[str, list[list[dict]]]:
     """The embedding cache (:func:`merits.data.build_embedding_cache`) of every split, as conversations.
 
     The main process computes it first (the others then load it); ``run_dir/features.json`` names each split's
@@ -625,7 +625,8 @@ def embed_corpus(model, processor, corpus: Corpus, cache_dir: Path, run_dir: Pat
     features, folders = {}, {}
     with state.main_process_first():
         for split, dataset in corpus.splits.items():
-            embedded = build_embedding_cache(model, processor, dataset, cache_dir, use_text=use_text, use_audio=use_audio)
+            embedded = build_embedding_cache(model, processor, dataset, cache_dir, batch_size=batch_size,
+                                             use_text=use_text, use_audio=use_audio, max_tokens=max_tokens)
             folder = str(Path(embedded.cache_files[0]["filename"]).parent) if embedded.cache_files else str(cache_dir)
             folders[split] = folder
             features[split] = feature_conversations(embedded, f"embedding cache {folder} [{split}]")
@@ -711,7 +712,8 @@ def run_system(args: TrainingArguments, architecture: str, run_dir: Path, corpus
                 merge_lora(model)
         else:
             if features is None:
-                features = embed_corpus(model, processor, corpus, cache_dir, run_dir, use_text, use_audio, state)
+                features = embed_corpus(model, processor, corpus, cache_dir, run_dir, use_text, use_audio, state,
+                                        args.embedding_batch_size, args.embedding_max_tokens)
             splits = features
             if stage == "fusion" and architecture == "merits-l":
                 # §3.1: stage III fuses the exported stage II features c_i; the frozen context encoders run once
