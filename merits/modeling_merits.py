@@ -631,12 +631,15 @@ class MeritsContextEncoder(nn.Module):
             out = out + torch.relu(F.linear(taps, weight, conv.bias))
         return out
 
-    def forward(self, x, turn_mask, key_mask=None, plan=None):
+    def forward(self, x, turn_mask, key_mask=None, plan=None, exported=None):
         """x [B, T, D], turn_mask [B, T] (real turns), key_mask [B, T] (turns that have this modality) ->
         (features [B, T, 2H], logits [B, T, C]); both zero at padded turns.
 
         Everything but the attention runs on the N real turns only (`plan`, a `MeritsTurnPlan` shared by the
-        modules of one forward; built here when not given)."""
+        modules of one forward; built here when not given). With `exported` (features [B, T, 2H] this encoder returned
+        before: stage III trains on them, §3.1) only the classifier runs."""
+        if exported is not None:
+            return self.classify(exported, turn_mask)
         turn_mask = turn_mask.bool()
         key_mask = turn_mask if key_mask is None else key_mask.bool() & turn_mask
         if plan is None:
@@ -656,6 +659,10 @@ class MeritsContextEncoder(nn.Module):
     def classify(self, features, turn_mask):
         """Exported stage II features [B, T, 2H] (as `forward` returned them) -> (features, logits), zero at padded
         turns: the classifier alone, so that stage III can train on features computed once (§3.1)."""
+        expected = (*turn_mask.shape, self.output_size)
+        if tuple(features.shape) != expected:
+            raise ValueError(f"exported context features must be [B, T, 2H] = {expected}, got {tuple(features.shape)}.")
+        features = features.to(self.classifier.weight.dtype)
         keep = turn_mask.bool().unsqueeze(-1).to(features.dtype)
         features = features * keep
         return features, self.classifier(self.dropout(features)) * keep
@@ -1325,17 +1332,6 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
         gap = max([m.conv_gap for m in (self.text_context, self.audio_context) if m is not None] or [0])
         return MeritsTurnPlan(turn_mask, gap=gap)
 
-    def _context(self, module, embeds, exported, turn_mask, key_mask, plan):
-        """A context encoder's (features, logits): from its exported stage II features when given, else computed."""
-        if exported is not None:
-            expected = (*turn_mask.shape, module.output_size)
-            if tuple(exported.shape) != expected:
-                raise ValueError(f"exported context features must be [B, T, 2H] = {expected}, got {tuple(exported.shape)}.")
-            grad = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
-            with torch.set_grad_enabled(grad):
-                return module.classify(exported.to(self.dtype), turn_mask)
-        return self._run(module, embeds, turn_mask, key_mask, plan=plan)
-
     def _forward_merits_l(self, stage, text_embeds, audio_embeds, turn_mask, text_mask, audio_mask, labels, out, terms,
                           context_features=None):
         ctx_text = ctx_audio = None
@@ -1343,11 +1339,11 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
         context_features = context_features or {}
         plan = self._turn_plan(turn_mask)
         if self.text_context is not None:
-            text_features, ctx_text = self._context(self.text_context, text_embeds, context_features.get("text"),
-                                                    turn_mask, text_mask, plan)
+            text_features, ctx_text = self._run(self.text_context, text_embeds, turn_mask, text_mask, plan=plan,
+                                                exported=context_features.get("text"))
         if self.audio_context is not None:
-            audio_features, ctx_audio = self._context(self.audio_context, audio_embeds, context_features.get("audio"),
-                                                      turn_mask, audio_mask, plan)
+            audio_features, ctx_audio = self._run(self.audio_context, audio_embeds, turn_mask, audio_mask, plan=plan,
+                                                  exported=context_features.get("audio"))
         out.update(context_text_logits=ctx_text, context_audio_logits=ctx_audio,
                    text_context_features=text_features, audio_context_features=audio_features)
         context_logits = self._combine(ctx_text, ctx_audio, text_mask, audio_mask)

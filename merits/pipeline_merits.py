@@ -41,9 +41,9 @@ import torch
 from transformers import Pipeline
 from transformers.utils import logging
 
-logger = logging.get_logger(__name__)
-
 from .processing_merits import EXPERT_NAMES, TARGET_SAMPLING_RATE, MeritsProcessor, load_turn_audio
+
+logger = logging.get_logger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -614,7 +614,7 @@ def final_results(results: dict, tag: str) -> dict:
 # One system
 # ----------------------------------------------------------------------------------------------
 def embed_corpus(model, processor, corpus: Corpus, cache_dir: Path, run_dir: Path, use_text: bool, use_audio: bool,
-                 state, batch_size: int = 32, max_tokens: int | None = 8192) -> dict[str, list[list[dict]]]:
+                 state, batch_size: int, max_tokens: int | None) -> dict[str, list[list[dict]]]:
     """The embedding cache (:func:`merits.data.build_embedding_cache`) of every split, as conversations.
 
     The main process computes it first (the others then load it); ``run_dir/features.json`` names each split's
