@@ -415,6 +415,7 @@ def run_merits_l(impl: str, train, validation, args) -> dict:
 def _train_epochs(step, evaluate, batches, train, epochs: int, args) -> dict:
     """Train ``epochs`` epochs of ``batches(epoch)``; validation after every epoch (timed apart)."""
     seconds, cpu_seconds, eval_seconds, utterances, padded_ratio = 0.0, 0.0, 0.0, 0, []
+    first_step_seconds = None
     history: list[dict] = []
     for epoch in range(epochs):
         epoch_batches = batches(epoch)
@@ -422,7 +423,13 @@ def _train_epochs(step, evaluate, batches, train, epochs: int, args) -> dict:
         for index in epoch_batches:
             start, cpu = time.perf_counter(), time.process_time()
             step(index)
-            seconds += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            if first_step_seconds is None and len(epoch_batches) * epochs > 1:
+                # the run's first step (first-touch allocations, optimiser state) is timed apart, for every
+                # implementation alike: the throughput is the steady state's
+                first_step_seconds = elapsed
+                continue
+            seconds += elapsed
             cpu_seconds += time.process_time() - cpu
             utterances += sum(len(train[i]["labels"]) for i in index)
         start = time.perf_counter()
@@ -432,6 +439,7 @@ def _train_epochs(step, evaluate, batches, train, epochs: int, args) -> dict:
     out = {
         "train_utterances_per_second": utterances / seconds,
         "train_seconds": seconds,
+        "first_step_seconds": first_step_seconds,
         # process CPU time (all threads): depends less on the share of a loaded machine we got
         "train_utterances_per_cpu_second": utterances / cpu_seconds,
         "eval_seconds": eval_seconds,
@@ -519,11 +527,35 @@ def launch(system: str, impl: str, args) -> dict:
     return _collect(system, impl, _start(system, impl, args))
 
 
+RATE_SUFFIXES = ("train_utterances_per_second", "train_utterances_per_cpu_second")
+
+
+def _merge_rounds(rounds: list[dict]) -> dict:
+    """One worker's figures over several rounds: the first round's, with every throughput the mean over the rounds
+    (and the rounds' values listed) and the peak memory the highest."""
+    merged = dict(rounds[0])
+    if len(rounds) > 1:
+        for key in [k for k in merged if k.endswith(RATE_SUFFIXES)]:
+            values = [r[key] for r in rounds]
+            merged[key] = float(np.mean(values))
+            merged[f"{key}_per_round"] = ",".join(f"{v:.1f}" for v in values)
+        for key in ("peak_rss_mb", "peak_rss_minus_data_mb"):
+            merged[key] = max(r[key] for r in rounds)
+        merged["rounds"] = len(rounds)
+    return merged
+
+
 def launch_all(jobs: list[tuple[str, str]], args, parallel: int = 1) -> dict:
     """``{(system, impl): figures}``; ``parallel`` > 1 runs that many workers at once (accuracy only: their
-    timings then share the CPUs and are not comparable)."""
+    timings then share the CPUs and are not comparable). With ``args.rounds`` > 1 the jobs run that many times in
+    alternating order (A B, B A, ...), so that a drift of the machine's speed cancels out of the ratios."""
+    rounds = max(1, getattr(args, "rounds", 1))
     if parallel <= 1:
-        return {job: launch(*job, args) for job in jobs}
+        collected: dict = {job: [] for job in jobs}
+        for round_index in range(rounds):
+            for job in (jobs if round_index % 2 == 0 else list(reversed(jobs))):
+                collected[job].append(launch(*job, args))
+        return {job: _merge_rounds(results) for job, results in collected.items()}
     results, running, pending = {}, [], list(jobs)
     while pending or running:
         while pending and len(running) < parallel:
@@ -561,6 +593,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--profile", action="store_true", help="add the top ops of a few profiled steps")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every worker N times in alternating order and average the throughputs")
     parser.add_argument("--parallel", type=int, default=1,
                         help="run N workers at once: for the accuracy figures only, the timings are then NOT comparable")
     parser.add_argument("--no_record", action="store_true", help="print, do not write bench/results.json")
@@ -625,8 +659,10 @@ def main(argv=None) -> dict:
              f"{args.fusion_dim}, batch {args.batch_size} conversations; MiSTER-E {args.epochs} epoch(s), MERITS-L "
              f"{args.merits_l_epochs or args.epochs} epoch(s) per stage; {moe_optimiser}; MERITS-L: each its own AdamW 1e-4; "
              "ours = the trainer's sampler (length-grouped), ours_random = group_by_length false (the reference's "
-             f"random batches); {args.threads} torch threads, each run in a fresh subprocess; utt/s counts real "
-             "utterances over optimisation steps only; the machine is shared, see load_average_*")
+             f"random batches); {args.threads} torch threads, each run in a fresh subprocess"
+             + (f", {args.rounds} rounds in alternating order (throughputs averaged)" if args.rounds > 1 else "")
+             + "; utt/s counts real utterances over the optimisation steps after the first (timed apart as "
+             "first_step_seconds); the machine is shared, see load_average_*")
     if args.parallel > 1:
         notes = (f"{args.parallel} WORKERS RAN AT ONCE: the accuracy figures hold, the timings and speed-ups are not "
                  "comparable. " + notes)

@@ -755,3 +755,23 @@ def test_exported_stage2_features_are_refused_where_they_do_not_apply():
         mister_e.get_context_features(text_embeds=text, audio_embeds=audio, turn_mask=TURN_MASK)
     with pytest.raises(ValueError, match="fusion stage only"):
         mister_e(text_embeds=text, audio_embeds=audio, turn_mask=TURN_MASK, **exported)
+
+
+def test_dropout_masks_drawn_fast_keep_the_distribution_and_the_gradient():
+    from merits.modeling_merits import MeritsDropout
+
+    dropout = MeritsDropout(0.3)
+    x = torch.ones(400, 500, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.005  # each element kept with probability 1 - p
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.7))  # and scaled by 1 / (1 - p)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # d(x * mask) / dx = mask
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), y)  # the torch generator: seeded runs repeat
+    dropout.eval()
+    assert torch.equal(dropout(x), x)
+    assert torch.equal(MeritsDropout(1.0).train()(x), torch.zeros_like(x))
+    assert torch.equal(MeritsDropout(0.0).train()(x), x)

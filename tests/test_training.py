@@ -777,3 +777,30 @@ def test_embedding_cache_batching_options_reach_the_cache(tmp_path, monkeypatch)
     for option, value in (("--embedding_max_tokens", "0"), ("--embedding_batch_size", "0")):
         with pytest.raises(ConfigError, match=option.lstrip("-")):
             parse_args([option, value])
+
+
+def test_optimizer_is_fused_and_updates_like_the_foreach_one():
+    import dataclasses
+
+    from merits.training.arguments import TrainingArguments
+    from merits.training.loop import build_optimizer
+
+    for optimizer in ("adam", "adamw"):
+        stage = dataclasses.replace(TrainingArguments().moe, optimizer=optimizer, weight_decay=0.01, learning_rate=1e-2)
+        torch.manual_seed(0)
+        fused_params = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(3))]
+        plain_params = [torch.nn.Parameter(p.detach().clone()) for p in fused_params]
+        fused = build_optimizer(fused_params, stage)
+        assert fused.defaults["fused"] is True
+        plain_class = torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW
+        plain = plain_class(plain_params, lr=1e-2, betas=(stage.adam_beta1, stage.adam_beta2), eps=stage.adam_epsilon,
+                            weight_decay=0.01, foreach=False)
+        assert type(fused) is plain_class
+        for _ in range(3):
+            for params in (fused_params, plain_params):
+                for p in params:
+                    p.grad = torch.sin(p.detach() * 3)
+            fused.step()
+            plain.step()
+        for a, b in zip(fused_params, plain_params):
+            torch.testing.assert_close(a, b)

@@ -21,6 +21,7 @@ Validation alone selects; the test split is scored once, with the selected model
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -210,12 +211,21 @@ def build_optimizer(params, arguments: StageArguments) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if not params:
         raise RuntimeError("the stage has no trainable parameter (check freeze_for_stage and the modalities)")
-    # foreach: one multi-tensor update instead of a Python loop over the (many, small) parameter tensors
+    optimizer_class = torch.optim.Adam if arguments.optimizer == "adam" else torch.optim.AdamW
     kwargs = dict(lr=arguments.learning_rate, betas=(arguments.adam_beta1, arguments.adam_beta2), eps=arguments.adam_epsilon,
-                  foreach=True)
-    if arguments.optimizer == "adam":
-        return torch.optim.Adam(params, weight_decay=arguments.weight_decay, **kwargs)
-    return torch.optim.AdamW(params, weight_decay=arguments.weight_decay, **kwargs)
+                  weight_decay=arguments.weight_decay)
+    # fused: one kernel per parameter for the whole update (on a CPU ~5x faster than foreach, which is ~5x faster than
+    # the per-tensor loop: the step over MiSTER-E's 88.7 M parameters was ~10 % of a training step); same update rule
+    if _fused_supported(params):
+        return optimizer_class(params, fused=True, **kwargs)
+    return optimizer_class(params, foreach=True, **kwargs)
+
+
+def _fused_supported(params) -> bool:
+    """Fused Adam/AdamW exists for floating-point parameters on CPU, CUDA, XPU and MPS (torch >= 2.4)."""
+    if "fused" not in inspect.signature(torch.optim.Adam).parameters:
+        return False
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda", "xpu", "mps") for p in params)
 
 
 def build_scheduler(optimizer, arguments: StageArguments, total_steps: int):
