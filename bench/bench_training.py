@@ -640,6 +640,12 @@ def main(argv=None) -> dict:
                 figures[f"{system}/{stage}speedup_{impl}_vs_reference"] = _ratio(runs, impl, f"{stage}train_utterances_per_second")
                 figures[f"{system}/{stage}speedup_{impl}_vs_reference_cpu_time"] = _ratio(
                     runs, impl, f"{stage}train_utterances_per_cpu_second")
+                per_round = f"{stage}train_utterances_per_second_per_round"
+                if per_round in runs[impl]:  # --rounds: the ratio of each round, and the least of them
+                    ratios = [float(a) / float(b) for a, b in
+                              zip(runs[impl][per_round].split(","), runs["reference"][per_round].split(","))]
+                    figures[f"{system}/{stage}speedup_{impl}_vs_reference_per_round"] = ",".join(f"{r:.2f}" for r in ratios)
+                    figures[f"{system}/{stage}speedup_{impl}_vs_reference_lowest_round"] = min(ratios)
             figures[f"{system}/memory_ratio_{impl}_vs_reference"] = (
                 runs[impl]["peak_rss_minus_data_mb"] / runs["reference"]["peak_rss_minus_data_mb"])
             # accuracy parity: ours minus the reference, last epoch and best epoch (validation wF1)
