@@ -775,3 +775,39 @@ def test_dropout_masks_drawn_fast_keep_the_distribution_and_the_gradient():
     assert torch.equal(dropout(x), x)
     assert torch.equal(MeritsDropout(1.0).train()(x), torch.zeros_like(x))
     assert torch.equal(MeritsDropout(0.0).train()(x), x)
+
+
+def test_batch_friendly_speech_backbone_gives_the_same_states_and_survives_deepcopy():
+    import copy
+
+    from transformers import WavLMConfig
+
+    from merits.modeling_merits import batch_friendly
+
+    torch.manual_seed(0)
+    config = WavLMConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         conv_dim=(32, 32, 32), conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4), num_conv_pos_embeddings=16,
+                         num_conv_pos_embedding_groups=2, num_buckets=32, max_bucket_distance=100)
+    plain = AutoModel.from_config(config).eval()
+    fast = batch_friendly(copy.deepcopy(plain))
+    patched = [m for m in fast.modules() if "forward" in vars(m) or "torch_multi_head_self_attention" in vars(m)]
+    assert len(patched) == 1 + config.num_hidden_layers  # the feature encoder and every attention
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    values = torch.randn(3, 4000) * 0.1
+    mask = torch.ones(3, 4000, dtype=torch.long)
+    mask[1, 3000:] = 0
+    mask[2, 2000:] = 0
+    values = values * mask
+    with torch.no_grad():
+        want = plain(input_values=values, attention_mask=mask, output_hidden_states=True).hidden_states
+        got = fast(input_values=values, attention_mask=mask, output_hidden_states=True).hidden_states
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        twin = copy.deepcopy(fast)  # the bound methods follow the copy: its own weights run
+        for p in twin.parameters():
+            p.add_(0.5)
+        assert not torch.allclose(twin(input_values=values, attention_mask=mask).last_hidden_state, got[-1])
+        torch.testing.assert_close(fast(input_values=values, attention_mask=mask).last_hidden_state, got[-1])
+    # the model applies it to its speech backbone
+    model = MeritsForConversationClassification(MeritsConfig(architecture="merits-l", audio_config=config, id2label={0: "a", 1: "b"}))
+    assert "forward" in vars(model.speech_encoder.backbone.feature_extractor)
