@@ -811,12 +811,9 @@ class MeritsAttention(nn.Module):
         """query_input [B, Tq, d], keys/values [B, heads, Tk, head_dim], allowed [B, Tq, Tk] bool -> [B, Tq, d]."""
         return self.output(self._context(self.query(query_input), keys, values, allowed))
 
-    def forward(self, query_input, key_value_input, allowed, plan=None):
-        """Inputs [B, T, d]; with `plan` (a `MeritsTurnPlan`) the real rows [N, d] -> [N, d]: the projections run on
-        the N real turns, only the attention itself on [B, T]."""
-        if plan is None:
-            keys, values = self.project_key_value(key_value_input)
-            return self.attend(query_input, keys, values, allowed)
+    def forward(self, query_input, key_value_input, allowed, plan):
+        """The real rows [N, d] of a batch (`plan`, a `MeritsTurnPlan`) -> [N, d]: the projections run on the N real
+        turns, only the attention itself on [B, T] (`attend` serves the streaming steps on [B, 1, d])."""
         keys = self._heads(plan.scatter(self.key(key_value_input)))
         values = self._heads(plan.scatter(self.value(key_value_input)))
         context = self._context(plan.scatter(self.query(query_input)), keys, values, allowed)
@@ -840,9 +837,9 @@ class MeritsCoAttentionBlock(nn.Module):
         self.audio_self_norm = nn.LayerNorm(d, eps=eps)
         self.dropout = MeritsDropout(config.fusion_dropout)
 
-    def forward(self, text, audio, text_allowed, audio_allowed, plan=None):
-        """`text_allowed` [B, Tq, Tk]: which text turns a query may attend (padding, missing text, causality).
-        text/audio [B, T, d], or with `plan` the real rows [N, d] (see `MeritsAttention.forward`)."""
+    def forward(self, text, audio, text_allowed, audio_allowed, plan):
+        """text/audio: the real rows [N, d] of the batch described by `plan` (see `MeritsAttention.forward`);
+        `text_allowed` [B, Tq, Tk]: which text turns a query may attend (padding, missing text, causality)."""
         text_x = self.text_cross_attention(text, audio, audio_allowed, plan)
         audio_x = self.audio_cross_attention(audio, text, text_allowed, plan)
         text = self.text_cross_norm(text + self.dropout(text_x))
