@@ -22,6 +22,7 @@ TEXT_POOLINGS = ("cls", "mean", "attentive_stats")
 GATE_MODES = ("learned", "mean", "vote")
 EXPERTS = ("speech", "text", "cross_modal")
 CLASSIFICATION_LOSSES = ("focal", "ce")
+CONVERSATION_INITS = ("pytorch", "normal")
 ACTIVATIONS = (None, "relu", "gelu", "tanh")
 
 # Per-architecture defaults: the papers' values (§2.3, §3.5, §3.6, §4.2, §4.3, §6).
@@ -165,7 +166,11 @@ class MeritsConfig(PretrainedConfig):
         classification_loss (`str`): "focal" or "ce". focal_gamma (`float`): 3 (§4.3).
         utterance_focal_gamma (`float`): focal gamma of the mister-e utterance stage (2, §4.2).
         supcon_weight (`float`): 2. supcon_temperature (`float`): 1. kl_weight (`float`): 0.1.
-        initializer_range (`float`): std of the normal initialisation of linear layers.
+        initializer_range (`float`): std of the normal initialisation of the utterance-level linear layers (and of the
+            conversation-level ones with `conversation_init="normal"`).
+        conversation_init (`str`): initialisation of the conversation-level modules (context encoders, co-attention
+            fusion, gate): "pytorch" (default; PyTorch's own fan-in-scaled uniform init of Linear, Conv1d and GRU, which
+            the authors' code uses) or "normal" (normal(0, initializer_range) linears, Xavier GRU weights, zero biases).
     """
 
     model_type = "merits"
@@ -216,6 +221,7 @@ class MeritsConfig(PretrainedConfig):
         supcon_temperature=1.0,
         kl_weight=0.1,
         initializer_range=0.02,
+        conversation_init="pytorch",
         id2label=None,
         label2id=None,
         **kwargs,
@@ -307,6 +313,11 @@ class MeritsConfig(PretrainedConfig):
             raise ValueError(f"`supcon_temperature` must be > 0, got {self.supcon_temperature}.")
         self.kl_weight = float(kl_weight)
         self.initializer_range = float(initializer_range)
+        if conversation_init not in CONVERSATION_INITS:
+            raise ValueError(
+                f"Unknown conversation_init {conversation_init!r}; valid ones are {', '.join(CONVERSATION_INITS)}."
+            )
+        self.conversation_init = conversation_init
 
         # ---- modalities and embedding sizes -------------------------------------------------------------------
         self.text_embed_dim = self._resolve_text_embed_dim(text_embed_dim)

@@ -649,6 +649,7 @@ class MeritsContextEncoder(nn.Module):
         )
         self.dropout = MeritsDropout(config.context_dropout)
         self.classifier = nn.Linear(self.output_size, config.num_labels)
+        _mark_conversation_level(self)
 
     # ---- full conversation ------------------------------------------------------------------------------------
     def _attend(self, gru_out, key_mask):
@@ -899,6 +900,7 @@ class MeritsCoAttentionFusion(nn.Module):
         self.layer_norm = nn.LayerNorm(2 * d, eps=config.fusion_layer_norm_eps)
         self.dense = nn.Linear(2 * d, config.fusion_head_hidden_size)
         self.classifier = nn.Linear(config.fusion_head_hidden_size, config.num_labels)
+        _mark_conversation_level(self)
 
     def _head(self, text_in, audio_in, text, audio):
         """Works on any leading shape: [B, T, .] while streaming, [N, .] real rows in `forward`."""
@@ -976,6 +978,7 @@ class MeritsGate(nn.Module):
         self.num_experts = num_experts
         self.dense = nn.Linear(num_experts * config.num_labels, config.gate_hidden_size)
         self.output = nn.Linear(config.gate_hidden_size, num_experts)
+        _mark_conversation_level(self)
 
     def forward(self, expert_logits, available, tie_order=None):
         """expert_logits [..., E, C], available [..., E] bool -> weights [..., E]."""
@@ -1010,6 +1013,26 @@ class MeritsGate(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _mark_conversation_level(module: nn.Module) -> None:
+    """Flag every layer of a conversation-level module (context encoder, co-attention fusion, gate) for `_init_weights`."""
+    for submodule in module.modules():
+        submodule._conversation_level = True
+
+
+def _pytorch_default_init(module: nn.Module) -> None:
+    """`module.reset_parameters()` of nn.Linear / nn.Conv1d / nn.GRU, written with the loaded-weight-safe `init`."""
+    if isinstance(module, (nn.Linear, nn.Conv1d)):
+        init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+        if module.bias is not None:
+            fan_in = module.weight[0].numel()
+            bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+            init.uniform_(module.bias, -bound, bound)
+    elif isinstance(module, nn.GRU):
+        bound = 1.0 / math.sqrt(module.hidden_size) if module.hidden_size > 0 else 0.0
+        for param in module.parameters():
+            init.uniform_(param, -bound, bound)
+
+
 class MeritsPreTrainedModel(PreTrainedModel):
     config_class = MeritsConfig
     base_model_prefix = "merits"
@@ -1020,7 +1043,13 @@ class MeritsPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         """Linear/Conv: normal(0, initializer_range), zero bias; LayerNorm: ones/zeros (base class); GRU: Xavier weights
-        and zero biases; learned layer weights: zeros (= uniform softmax). Backbones use their own init."""
+        and zero biases; learned layer weights: zeros (= uniform softmax). Backbones use their own init.
+
+        With `conversation_init="pytorch"` (the default) the context encoders, the co-attention fusion and the gate are
+        then re-initialised as PyTorch initialises them, as in the authors' code: weights U(-1/sqrt(fan_in),
+        1/sqrt(fan_in)) for Linear / Conv1d (kaiming-uniform, a=sqrt(5)) and the same bound for their biases,
+        U(-1/sqrt(H), 1/sqrt(H)) for every GRU parameter. (Those modules mark their layers `_conversation_level`: the
+        init visits layers, not the containers, which own no parameter; the `init` functions skip loaded weights.)"""
         super()._init_weights(module)
         if isinstance(module, nn.GRU):
             for name, param in module.named_parameters():
@@ -1030,6 +1059,8 @@ class MeritsPreTrainedModel(PreTrainedModel):
                     init.zeros_(param)
         elif isinstance(module, MeritsSpeechEncoder) and module.layer_weights is not None:
             init.zeros_(module.layer_weights)
+        if getattr(module, "_conversation_level", False) and getattr(self.config, "conversation_init", "pytorch") == "pytorch":
+            _pytorch_default_init(module)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

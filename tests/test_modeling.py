@@ -458,6 +458,42 @@ def test_loss_functions_zero_where_they_must_be():
     torch.testing.assert_close(symmetric_kl_loss(changed, masked), symmetric_kl_loss(different, masked))
 
 
+@pytest.mark.parametrize("architecture", ["merits-l", "mister-e"])
+def test_conversation_init_is_pytorch_default_and_loaded_weights_stay(architecture, tmp_path):
+    """conversation_init="pytorch": context encoders, fusion and gate initialised as torch does (fan-in-scaled
+    uniform, nonzero biases); the utterance heads keep normal(0, initializer_range) and zero biases; "normal" gives
+    every linear the normal init; from_pretrained keeps the saved weights."""
+    model = make_model(architecture, text_config=tiny_roberta_config(), audio_config=tiny_wavlm_config())
+    conversation = ("text_context.", "audio_context.", "fusion.", "gate.")
+    utterance_level = []
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d)):
+            bound = 1.0 / module.weight[0].numel() ** 0.5
+            if name.startswith(conversation):
+                assert module.weight.abs().max() <= bound + 1e-7, name
+                assert module.weight.std() > 0.5 * bound / 3**0.5, name  # U(-b, b) has std b / sqrt(3)
+                assert module.bias.abs().max() > 0 and module.bias.abs().max() <= bound + 1e-7, name
+            elif ".backbone." not in name:  # our utterance-level layers (backbones keep their own init)
+                utterance_level.append(name)
+                assert module.bias is None or torch.all(module.bias == 0), name
+        elif isinstance(module, torch.nn.GRU):
+            bound = 1.0 / module.hidden_size ** 0.5
+            for param in module.parameters():
+                assert 0 < param.abs().max() <= bound + 1e-7, name
+    assert any(name.startswith(("text_encoder.", "speech_encoder.")) for name in utterance_level)
+    normal = make_model(architecture, conversation_init="normal")
+    for name, module in normal.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith(conversation):
+            assert torch.all(module.bias == 0), name
+    model.save_pretrained(tmp_path)
+    loaded = MeritsForConversationClassification.from_pretrained(tmp_path)
+    assert loaded.config.conversation_init == "pytorch"
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="conversation_init"):
+        tiny_merits_config(architecture, conversation_init="xavier")
+
+
 def test_model_loss_terms_finite_and_nonzero():
     model = randomize(make_model("mister-e"), std=0.3)
     text, audio = embeds()
@@ -502,7 +538,10 @@ def test_gradients_reach_exactly_the_stage(architecture):
         model.zero_grad(set_to_none=True)
         model(**batch).loss.backward()  # the stage comes from freeze_for_stage via config.stage
         with_grad = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-        assert with_grad == expected, (stage, sorted(expected - with_grad)[:5], sorted(with_grad - expected)[:5])
+        # the attentive pooling's score bias shifts every score of a softmax equally: its gradient is zero by
+        # construction (only rounding makes it nonzero), so it counts as reached whether or not rounding shows it
+        reached = with_grad | {name for name in expected if name.endswith("pooler.score.bias")}
+        assert reached == expected, (stage, sorted(expected - reached)[:5], sorted(reached - expected)[:5])
         assert not any(p.requires_grad for p in model.speech_encoder.backbone.parameters())
 
 
