@@ -12,6 +12,11 @@ is that run's own high-water mark, read with ``resource.getrusage``; tracemalloc
 - peak resident memory (``ru_maxrss``) and the same minus the RSS right after the data was built;
 - validation weighted F1 (padding dropped) after every epoch: the last epoch's, the best one and its epoch.
 
+Then, per system, one more process (``--paired_epochs`` epochs per stage, default 2; 0 skips it) builds the
+reference and ours side by side and interleaves their optimisation steps one by one, the order flipped at every step
+(``*paired_speedup_ours_vs_reference``): this host's speed drifts by up to ~30 % within minutes, and a drift then hits
+both sides alike, so this is the steadiest of the speed-ups (no validation, no memory figure in that run).
+
 Implementations (the same batch size and number of epochs for all):
 
 - ``reference``: ``bench/reference`` (faithful to the authors' loops: zero-padded batches, no packing,
@@ -249,7 +254,8 @@ def _our_stage_arguments(stage: str, impl: str, args):
     return stage_args
 
 
-def run_mister_e(impl: str, train, validation, args) -> dict:
+def build_mister_e(impl: str, train, validation, args) -> tuple[dict, list[str], object]:
+    """``(result, ["moe"], make_stage)``: ``make_stage("moe")`` gives ``(step, evaluate, batches)`` of ``impl``."""
     import torch
 
     result: dict = {}
@@ -309,16 +315,22 @@ def run_mister_e(impl: str, train, validation, args) -> dict:
             return {"validation_weighted_f1": weighted_f1(gold, pred)}
 
     result["parameters_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-    result.update(_train_epochs(step, evaluate, batches, train, args.epochs, args))
+    return result, ["moe"], lambda stage: (step, evaluate, batches)
+
+
+def run_mister_e(impl: str, train, validation, args) -> dict:
+    result, _, make_stage = build_mister_e(impl, train, validation, args)
+    result.update(_train_epochs(*make_stage("moe"), train, args.epochs, args))
     return result
 
 
-def run_merits_l(impl: str, train, validation, args) -> dict:
+def build_merits_l(impl: str, train, validation, args) -> tuple[dict, list[str], object]:
+    """``(result, ["context", "fusion"], make_stage)``; ``make_stage(stage)`` gives ``(step, evaluate, batches)`` and,
+    for our stage III, first exports the stage II features (``result["fusion_export_seconds"]``)."""
     import torch
 
     result: dict = {}
     torch.manual_seed(args.seed)
-    epochs = _option(args, "merits_l_epochs") or args.epochs
     text_hidden, audio_hidden = args.hidden, max(1, args.hidden // 4)  # papers §6 #8: 512 text / 128 speech
     if impl == "reference":
         from bench.reference import merits_l as ref
@@ -399,7 +411,13 @@ def run_merits_l(impl: str, train, validation, args) -> dict:
             return step, evaluate, trainer_batches(train_rows, stage_args, args.batch_size, args.seed)
 
     result["parameters_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-    for stage in ("context", "fusion"):
+    return result, ["context", "fusion"], make_stage
+
+
+def run_merits_l(impl: str, train, validation, args) -> dict:
+    result, stages, make_stage = build_merits_l(impl, train, validation, args)
+    epochs = _option(args, "merits_l_epochs") or args.epochs
+    for stage in stages:
         step, evaluate, batches = make_stage(stage)
         for key, value in _train_epochs(step, evaluate, batches, train, epochs, args).items():
             result[f"{stage}_{key}"] = value
@@ -458,12 +476,53 @@ def _train_epochs(step, evaluate, batches, train, epochs: int, args) -> dict:
     return out
 
 
+def run_paired(system: str, train, validation, args) -> dict:
+    """Reference and ours in ONE process, their optimisation steps interleaved one by one (the order flipped at
+    every step), ``--paired_epochs`` epochs of each stage, no validation: a drift of the machine's speed hits both
+    alike, so the ratio of their throughputs is the steadiest figure here. Each side's first step of a stage is
+    left out, as in the separate runs; our stage III includes its one-off export of the stage II features."""
+    build = build_mister_e if system == "mister-e" else build_merits_l
+    sides = {impl: build(impl, train, validation, args) for impl in ("reference", "ours")}
+    stages = sides["ours"][1]
+    out: dict = {}
+    for stage in stages:
+        prefix = "" if system == "mister-e" else f"{stage}_"
+        made = {impl: side[2](stage) for impl, side in sides.items()}
+        seconds = {impl: sides[impl][0].get(f"{stage}_export_seconds", 0.0) for impl in made}
+        utterances = dict.fromkeys(made, 0)
+        for epoch in range(args.paired_epochs):
+            epoch_batches = {impl: batches(epoch) for impl, (_, _, batches) in made.items()}
+            for i in range(max(len(b) for b in epoch_batches.values())):
+                order = list(made) if i % 2 == 0 else list(reversed(list(made)))
+                for impl in order:
+                    if i >= len(epoch_batches[impl]):
+                        continue
+                    index = epoch_batches[impl][i]
+                    start = time.perf_counter()
+                    made[impl][0](index)
+                    if epoch == 0 and i == 0:
+                        continue  # the first step (allocations, optimiser state), left out
+                    seconds[impl] += time.perf_counter() - start
+                    utterances[impl] += sum(len(train[j]["labels"]) for j in index)
+        for impl in made:
+            out[f"{impl}/{prefix}paired_train_utterances_per_second"] = utterances[impl] / seconds[impl]
+        out[f"{prefix}paired_speedup_ours_vs_reference"] = (
+            out[f"ours/{prefix}paired_train_utterances_per_second"]
+            / out[f"reference/{prefix}paired_train_utterances_per_second"])
+        print(f"{system} {stage}: paired speed-up {out[f'{prefix}paired_speedup_ours_vs_reference']:.2f}",
+              file=sys.stderr, flush=True)
+    return out
+
+
 def worker(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
     train, validation = make_data(args)
     data_rss = rss_mb()
+    if args.impl == "paired":
+        print("RESULT " + json.dumps(run_paired(args.system, train, validation, args)), flush=True)
+        return
     run = run_mister_e if args.system == "mister-e" else run_merits_l
     result = run(args.impl, train, validation, args)
     result.update(peak_rss_mb=peak_rss_mb(), rss_after_data_mb=data_rss)
@@ -489,7 +548,8 @@ def _command(system: str, impl: str, args) -> list[str]:
                "--dim", str(args.dim), "--hidden", str(args.hidden), "--fusion_dim", str(args.fusion_dim),
                "--epochs", str(args.epochs), "--batch_size", str(args.batch_size),
                "--train_dialogues", str(args.train_dialogues), "--validation_dialogues", str(args.validation_dialogues),
-               "--seed", str(args.seed), "--threads", str(args.threads)] + (["--profile"] if args.profile else [])
+               "--seed", str(args.seed), "--threads", str(args.threads),
+               "--paired_epochs", str(_option(args, "paired_epochs", 0))] + (["--profile"] if args.profile else [])
     for name in ("merits_l_epochs", "moe_learning_rate") + DATA_OPTIONS:
         if _option(args, name) is not None:
             command += [f"--{name}", str(getattr(args, name))]
@@ -595,6 +655,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--profile", action="store_true", help="add the top ops of a few profiled steps")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every worker N times in alternating order and average the throughputs")
+    parser.add_argument("--paired_epochs", type=int, default=2,
+                        help="epochs per stage of the interleaved timing of reference and ours in one process (0: skip)")
     parser.add_argument("--parallel", type=int, default=1,
                         help="run N workers at once: for the accuracy figures only, the timings are then NOT comparable")
     parser.add_argument("--no_record", action="store_true", help="print, do not write bench/results.json")
@@ -628,6 +690,10 @@ def main(argv=None) -> dict:
             impls.append("ours_random")
         jobs += [(system, impl) for impl in impls]
     all_runs = launch_all(jobs, args, args.parallel)
+    paired = {}
+    if args.paired_epochs > 0 and args.parallel <= 1:  # (with parallel workers no timing is comparable)
+        for system in systems:
+            paired[system] = launch(system, "paired", args)
     for system in systems:
         runs = {impl: result for (name, impl), result in all_runs.items() if name == system}
         impls = [impl for impl in runs if impl != "reference"]
@@ -653,6 +719,9 @@ def main(argv=None) -> dict:
                 best = key.replace("validation_", "best_validation_")
                 for name in (key, best):
                     figures[f"{system}/{impl}_minus_reference/{name}"] = runs[impl][name] - runs["reference"][name]
+    for system, result in paired.items():
+        for key, value in result.items():
+            figures[f"{system}/{key}"] = value
     figures["load_average_before"] = load_before[0]
     figures["load_average_after"] = os.getloadavg()[0]
     figures["wall_seconds"] = time.perf_counter() - started
@@ -668,7 +737,10 @@ def main(argv=None) -> dict:
              f"random batches); {args.threads} torch threads, each run in a fresh subprocess"
              + (f", {args.rounds} rounds in alternating order (throughputs averaged)" if args.rounds > 1 else "")
              + "; utt/s counts real utterances over the optimisation steps after the first (timed apart as "
-             "first_step_seconds); the machine is shared, see load_average_*")
+             "first_step_seconds); the machine is shared, see load_average_*"
+             + (f"; *paired_speedup_*: reference and ours in one process, steps interleaved one by one, "
+                f"{args.paired_epochs} epoch(s) per stage, no validation (the steadiest ratio on a host whose speed "
+                "drifts)" if paired else ""))
     if args.parallel > 1:
         notes = (f"{args.parallel} WORKERS RAN AT ONCE: the accuracy figures hold, the timings and speed-ups are not "
                  "comparable. " + notes)

@@ -150,6 +150,21 @@ def test_training_workers_run_in_process(system, impl):
     assert f1_keys and all(0.0 <= result[k] <= 1.0 for k in f1_keys)
 
 
+@pytest.mark.parametrize("system", ["mister-e", "merits-l"])
+def test_training_paired_timing_runs_both_sides_in_process(system):
+    ns = type("Args", (), dict(dim=16, hidden=4, fusion_dim=12, epochs=1, batch_size=2, seed=0, profile=False,
+                               threads=1, paired_epochs=1))()
+    train = bench_training.synthetic_conversations(4, 16, seed=0, min_turns=3, max_turns=8, mean_turns=5)
+    validation = bench_training.synthetic_conversations(2, 16, seed=1, min_turns=3, max_turns=8, mean_turns=5)
+    result = bench_training.run_paired(system, train, validation, ns)
+    prefixes = [""] if system == "mister-e" else ["context_", "fusion_"]
+    for prefix in prefixes:
+        ours = result[f"ours/{prefix}paired_train_utterances_per_second"]
+        reference = result[f"reference/{prefix}paired_train_utterances_per_second"]
+        assert ours > 0 and reference > 0
+        assert result[f"{prefix}paired_speedup_ours_vs_reference"] == pytest.approx(ours / reference)
+
+
 def test_training_driver_subprocess_quick():
     args = type("Args", (), dict(dim=16, hidden=4, fusion_dim=12, epochs=1, batch_size=4, seed=0, profile=False,
                                  threads=1, train_dialogues=3, validation_dialogues=2))()
