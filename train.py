@@ -13,7 +13,7 @@ Options: any key of merits/training/arguments.py as ``--key value`` (stage setti
 import sys
 
 from merits.training import main
-from merits.training.arguments import ConfigError
+from merits.training.arguments import ConfigError, HelpRequested
 from merits.training.checkpointing import OutputDirError
 from merits.training.stages import DataError
 
@@ -21,6 +21,9 @@ from merits.training.stages import DataError
 if __name__ == "__main__":
     try:
         main()
+    except HelpRequested as usage:
+        print(usage)
+        sys.exit(0)
     except (ConfigError, OutputDirError, DataError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         sys.exit(2)

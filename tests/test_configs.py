@@ -315,3 +315,15 @@ def test_emodb_config_reads_the_real_corpus():
     dataset = load_emodb(args.data_dir)["train"]
     assert len(dataset) == 408 and len(set(dataset[args.speaker_column])) == 8
     assert dataset.features["label"].names == DATASET_LABELS["emodb"]
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_train_py_help_prints_usage_and_exits_0(flag):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(REPO / "train.py"), flag, "--config", "configs/demo.yaml"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: train.py") and "learning_rate" in done.stdout
+    assert "error" not in done.stderr

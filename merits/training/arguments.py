@@ -43,6 +43,10 @@ class ConfigError(ValueError):
     """A configuration file or command-line override is wrong; the message names the key and its source."""
 
 
+class HelpRequested(Exception):
+    """``--help`` / ``-h`` on the command line: the message is the usage text (print it and exit 0)."""
+
+
 @dataclass
 class StageArguments:
     """Optimisation settings of one training stage.
@@ -375,6 +379,8 @@ def parse_cli(argv: list[str]) -> list[tuple[str, Any]]:
     bool_keys = {name for name, tp in _field_types(TrainingArguments).items() if tp is bool}
     pairs: list[tuple[str, Any]] = []
     i = 0
+    if any(token in ("--help", "-h") for token in argv):
+        raise HelpRequested(usage())
     while i < len(argv):
         token = argv[i]
         if not token.startswith("--"):
@@ -391,8 +397,6 @@ def parse_cli(argv: list[str]) -> list[tuple[str, Any]]:
             i += 1
         else:
             raise ConfigError(f"command line: --{key} needs a value")
-        if key in ("help", "h"):
-            raise ConfigError(usage())
         pairs.append((key.replace("-", "_") if "." not in key else key, value))
     return pairs
 
