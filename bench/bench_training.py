@@ -15,7 +15,8 @@ is that run's own high-water mark, read with ``resource.getrusage``; tracemalloc
 Then, per system, one more process (``--paired_epochs`` epochs per stage, default 2; 0 skips it) builds the
 reference and ours side by side and interleaves their optimisation steps one by one, the order flipped at every step
 (``*paired_speedup_ours_vs_reference``): this host's speed drifts by up to ~30 % within minutes, and a drift then hits
-both sides alike, so this is the steadiest of the speed-ups (no validation, no memory figure in that run).
+both sides alike; but every switch starts a step on caches the other model filled (likely costing the faster side more),
+so these ratios came out below the separate runs' (no validation, no memory figure in that run).
 
 Implementations (the same batch size and number of epochs for all):
 
@@ -479,8 +480,9 @@ def _train_epochs(step, evaluate, batches, train, epochs: int, args) -> dict:
 def run_paired(system: str, train, validation, args) -> dict:
     """Reference and ours in ONE process, their optimisation steps interleaved one by one (the order flipped at
     every step), ``--paired_epochs`` epochs of each stage, no validation: a drift of the machine's speed hits both
-    alike, so the ratio of their throughputs is the steadiest figure here. Each side's first step of a stage is
-    left out, as in the separate runs; our stage III includes its one-off export of the stage II features."""
+    alike (but each switch leaves the caches to the other model, likely costing the faster side more). Each side's first
+    step of a stage is left out, as in the separate runs; our stage III includes its one-off export of the stage II
+    features."""
     build = build_mister_e if system == "mister-e" else build_merits_l
     sides = {impl: build(impl, train, validation, args) for impl in ("reference", "ours")}
     stages = sides["ours"][1]
@@ -739,8 +741,8 @@ def main(argv=None) -> dict:
              + "; utt/s counts real utterances over the optimisation steps after the first (timed apart as "
              "first_step_seconds); the machine is shared, see load_average_*"
              + (f"; *paired_speedup_*: reference and ours in one process, steps interleaved one by one, "
-                f"{args.paired_epochs} epoch(s) per stage, no validation (the steadiest ratio on a host whose speed "
-                "drifts)" if paired else ""))
+                f"{args.paired_epochs} epoch(s) per stage, no validation (drift cancels; cold caches at every switch "
+                "cost the faster side more)" if paired else ""))
     if args.parallel > 1:
         notes = (f"{args.parallel} WORKERS RAN AT ONCE: the accuracy figures hold, the timings and speed-ups are not "
                  "comparable. " + notes)
