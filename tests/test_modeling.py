@@ -664,12 +664,12 @@ def test_packed_gru_equals_torch_gru_with_gradients(bidirectional):
     for (name, _), got, want in zip([("x", None), *gru.named_parameters()], grads, expected):
         torch.testing.assert_close(got, want, msg=name)
     # the recurrence's hand-written backward against finite differences
-    plan_inputs = (torch.randn(2, 3, 2, 6, dtype=torch.double, requires_grad=True),
+    plan_inputs = (torch.randn(3, 2, 2, 6, dtype=torch.double, requires_grad=True),  # [T, D, B, 3H]
                    torch.randn(2, 6, 2, dtype=torch.double, requires_grad=True),
                    torch.randn(2, 6, dtype=torch.double, requires_grad=True))
     from merits.modeling_merits import MeritsGRURecurrence
 
-    assert torch.autograd.gradcheck(lambda a, b, c: MeritsGRURecurrence.apply(a, b, c, [2, 2, 1]), plan_inputs)
+    assert torch.autograd.gradcheck(MeritsGRURecurrence.apply, plan_inputs)
 
 
 def test_turn_convolutions_equal_conv1d_per_conversation():
