@@ -445,8 +445,8 @@ class MeritsTurnPlan:
 
     Row-major real rows: row i is (conversation `batch_index[i]`, turn `turn_index[i]`), i < N = turn_mask.sum().
     For the GRUs the conversations are sorted by length (longest first, like `pack_padded_sequence`); time-major
-    slot `t * B + rank[b]` holds turn t of conversation b (the recurrence runs every slot; those past a conversation's
-    end are never read). `forward_slots` / `reverse_slots` [N] give each real row's slot in the forward and in the per-conversation
+    slot `t * B + rank[b]` holds turn t of conversation b, and `batch_sizes[t]` conversations are still running at
+    step t. `forward_slots` / `reverse_slots` [N] give each real row's slot in the forward and in the per-conversation
     reversed (backward-direction) order; `forward_rows` / `reverse_rows` [T * B] are the inverse maps (0 at padding).
     `conv_positions` [N] place the rows in one long sequence with `gap` zeros around every conversation, so one
     convolution over it equals a zero-padded convolution of each conversation alone.
@@ -462,6 +462,8 @@ class MeritsTurnPlan:
         self.num_real = int(lengths.sum())
         self.max_length = int(lengths.max()) if self.batch_size else 0
         self.batch_index, self.turn_index = turn_mask.nonzero(as_tuple=True)
+        steps = torch.arange(self.max_length, device=device)
+        self.batch_sizes = (lengths.unsqueeze(0) > steps.unsqueeze(1)).sum(1).tolist()
         order = torch.argsort(lengths, descending=True, stable=True)
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.numel(), device=device)
@@ -489,26 +491,34 @@ class MeritsTurnPlan:
         return out
 
 
+def _baddbmm_into(out: torch.Tensor, batch1: torch.Tensor, batch2: torch.Tensor) -> torch.Tensor:
+    """out += batch1 @ batch2, in place. A strided `out` (a step's first rows) takes a contiguous product and a copy: an
+    in-place product into it falls back to one single-threaded matrix product per batch entry (~2x slower)."""
+    if out.is_contiguous():
+        return out.baddbmm_(batch1, batch2)
+    return out.copy_(torch.baddbmm(out, batch1, batch2))
+
+
 class MeritsGRURecurrence(torch.autograd.Function):
-    """The recurrent half of a (multi-direction) GRU layer over time-major sequences.
+    """The recurrent half of a (multi-direction) GRU layer over time-major, length-sorted sequences.
 
     Inputs: `input_gates` [T, D, B, 3H] (x W_ih^T + b_ih, precomputed for all steps in one matrix product; D
-    directions, each already in its own time order), `weight_hh` [D, 3H, H], `bias_hh` [D, 3H]. Output [T, D, B, H].
-    Equations of `torch.nn.GRU`: r = σ(i_r + h W_hr + b_hr), z = σ(i_z + h W_hz + b_hz),
-    n = tanh(i_n + r (h W_hn + b_hn)), h' = (1 - z) n + z h.
+    directions, each already in its own time order), `weight_hh` [D, 3H, H], `bias_hh` [D, 3H], `batch_sizes`
+    (running sequences per step, non-increasing). Output [T, D, B, H] (zero where a sequence has ended). Equations of
+    `torch.nn.GRU`: r = σ(i_r + h W_hr + b_hr), z = σ(i_z + h W_hz + b_hz), n = tanh(i_n + r (h W_hn + b_hn)),
+    h' = (1 - z) n + z h.
 
-    Every row runs all T steps: rows are independent, so a sequence that ended earlier only computes values nobody
-    reads (its output-gradients there are zero, which keeps them out of the backward), and every step works on
-    contiguous [D, B, ...] blocks (at B = 8 a matrix product costs about the same for fewer rows; strided per-step
-    views made the elementwise kernels 1.1-1.3x slower). A forward step is 5 kernels writing straight into the saved
-    buffers: the hidden-gate buffer starts as (i_r + b_hr, i_z + b_hz, b_hn) and the step adds h W_hh^T in place. The
-    backward is written out through time with the derivative factors of every step computed at once beforehand (3
-    kernels a step), and the weight gradient is ONE matrix product over all steps (autograd through a cell loop would
+    Time-major buffers make every step's block [D, B, ...] contiguous while all sequences run (strided per-step views
+    made the step's elementwise kernels 1.1-1.5x slower), and a step is 5 kernels writing straight into the saved
+    buffers: the hidden-gate buffer starts as (i_r + b_hr, i_z + b_hz, b_hn) and the step adds h W_hh^T in place.
+    Steps past a sequence's end skip its row (a small matrix product costs less with fewer rows). The backward is
+    written out through time with the derivative factors of every step computed at once beforehand (3 kernels a
+    step), and the weight gradient is ONE matrix product over all steps (autograd through a cell loop would
     accumulate a full [3H, H] gradient at every step).
     """
 
     @staticmethod
-    def forward(ctx, input_gates, weight_hh, bias_hh):
+    def forward(ctx, input_gates, weight_hh, bias_hh, batch_sizes):
         steps, num_dirs, batch, three_hidden = input_gates.shape
         hidden = three_hidden // 3
         dtype = input_gates.dtype
@@ -517,21 +527,24 @@ class MeritsGRURecurrence(torch.autograd.Function):
         gates = torch.empty_like(input_gates)  # per step: (r, z, h W_hn + b_hn) once the step is done
         torch.add(input_gates[..., : 2 * hidden], bias[..., : 2 * hidden], out=gates[..., : 2 * hidden])
         gates[..., 2 * hidden :] = bias[..., 2 * hidden :]
-        news = input_gates.new_empty(steps, num_dirs, batch, hidden)
-        outputs = input_gates.new_empty(steps, num_dirs, batch, hidden)
+        news = input_gates.new_zeros(steps, num_dirs, batch, hidden)
+        outputs = input_gates.new_zeros(steps, num_dirs, batch, hidden)
         h_prev = input_gates.new_zeros(num_dirs, batch, hidden)
-        for t in range(steps):
-            step = gates[t].baddbmm_(h_prev, weight_t)
+        for t, size in enumerate(batch_sizes):
+            step = _baddbmm_into(gates[t, :, :size], h_prev[:, :size], weight_t)
             rz = step[..., : 2 * hidden].sigmoid_()
-            n = torch.addcmul(input_gates[t, ..., 2 * hidden :], rz[..., :hidden], step[..., 2 * hidden :], out=news[t])
-            h_prev = torch.lerp(n.tanh_(), h_prev, rz[..., hidden:], out=outputs[t])  # n + z (h - n)
+            n = torch.addcmul(input_gates[t, :, :size, 2 * hidden :], rz[..., :hidden], step[..., 2 * hidden :],
+                              out=news[t, :, :size])
+            h_prev = torch.lerp(n.tanh_(), h_prev[:, :size], rz[..., hidden:], out=outputs[t, :, :size])  # n + z (h - n)
         ctx.save_for_backward(weight_hh, bias_hh, outputs, gates, news)
+        ctx.batch_sizes = list(batch_sizes)
         ctx.input_dtype = dtype
         return outputs
 
     @staticmethod
     def backward(ctx, grad_outputs):
         weight_hh, bias_hh, outputs, gates, n = ctx.saved_tensors
+        sizes = ctx.batch_sizes
         steps, num_dirs, batch, hidden = outputs.shape
         weight = weight_hh.to(outputs.dtype)  # [D, 3H, H]
         grad_outputs = grad_outputs.to(outputs.dtype)
@@ -540,21 +553,26 @@ class MeritsGRURecurrence(torch.autograd.Function):
         n_factor = (1 - z) * (1 - n * n)  # dh -> d(pre-activation of n)
         # dh -> d(h W_hh^T + b_hh) of (r, z, n), every step at once: [T, D, B, 3, H]
         factors = torch.stack([n_factor * h_n * r * (1 - r), (previous - n) * z * (1 - z), n_factor * r], dim=3)
-        grad_hidden_gates = torch.empty_like(factors)
-        grad_h = torch.empty_like(outputs)  # dL/dh_t: from the output and from step t + 1
-        grad_h[steps - 1] = grad_outputs[steps - 1]
+        grad_hidden_gates = torch.zeros_like(factors)  # stays 0 at ended rows
+        grad_h = torch.zeros_like(outputs)  # dL/dh_t of running rows: from the output and from step t + 1
+        grad_h[steps - 1, :, : sizes[-1]] = grad_outputs[steps - 1, :, : sizes[-1]]
         for t in range(steps - 1, -1, -1):
-            d_hidden = torch.mul(factors[t], grad_h[t].unsqueeze(2), out=grad_hidden_gates[t])
+            size = sizes[t]
+            d_h = grad_h[t, :, :size]
+            d_hidden = torch.mul(factors[t, :, :size], d_h.unsqueeze(2), out=grad_hidden_gates[t, :, :size])
             if t:
-                step_grad = torch.addcmul(grad_outputs[t - 1], grad_h[t], z[t], out=grad_h[t - 1])
-                step_grad.baddbmm_(d_hidden.view(num_dirs, batch, 3 * hidden), weight)
+                step_grad = torch.addcmul(grad_outputs[t - 1, :, :size], d_h, z[t, :, :size], out=grad_h[t - 1, :, :size])
+                _baddbmm_into(step_grad, d_hidden.view(num_dirs, size, 3 * hidden), weight)
+                if sizes[t - 1] > size:  # rows whose sequence ends at step t - 1
+                    grad_h[t - 1, :, size : sizes[t - 1]] = grad_outputs[t - 1, :, size : sizes[t - 1]]
         grad_hidden_gates = grad_hidden_gates.view(steps, num_dirs, batch, 3 * hidden)
         grad_input_gates = torch.cat([grad_hidden_gates[..., : 2 * hidden], grad_h * n_factor], dim=-1)
         flat_grad = grad_hidden_gates.transpose(0, 1).reshape(num_dirs, steps * batch, 3 * hidden)
         flat_previous = previous.transpose(0, 1).reshape(num_dirs, steps * batch, hidden)
         grad_weight = torch.bmm(flat_grad.transpose(1, 2), flat_previous)
         grad_bias = flat_grad.sum(1)
-        return grad_input_gates.to(ctx.input_dtype), grad_weight.to(weight_hh.dtype), grad_bias.to(bias_hh.dtype)
+        return (grad_input_gates.to(ctx.input_dtype), grad_weight.to(weight_hh.dtype), grad_bias.to(bias_hh.dtype),
+                None)
 
 
 def run_packed_gru(gru: nn.GRU, rows: torch.Tensor, plan: MeritsTurnPlan) -> torch.Tensor:
@@ -587,7 +605,7 @@ def run_packed_gru(gru: nn.GRU, rows: torch.Tensor, plan: MeritsTurnPlan) -> tor
             weights.append(getattr(gru, f"weight_hh_l{layer}{suffix}"))
             biases.append(getattr(gru, f"bias_hh_l{layer}{suffix}"))
         outputs = MeritsGRURecurrence.apply(
-            torch.stack(input_gates, dim=1), torch.stack(weights), torch.stack(biases)
+            torch.stack(input_gates, dim=1), torch.stack(weights), torch.stack(biases), plan.batch_sizes
         )  # [T, D, B, H]
         x = outputs.reshape(steps * num_dirs * batch, -1)[places].flatten(1)  # [N, D * H], directions side by side
     return x
