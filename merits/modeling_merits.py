@@ -462,11 +462,11 @@ class MeritsTurnPlan:
         self.num_real = int(lengths.sum())
         self.max_length = int(lengths.max()) if self.batch_size else 0
         self.batch_index, self.turn_index = turn_mask.nonzero(as_tuple=True)
-        steps = torch.arange(self.max_length, device=device)
-        self.batch_sizes = (lengths.unsqueeze(0) > steps.unsqueeze(1)).sum(1).tolist()
         order = torch.argsort(lengths, descending=True, stable=True)
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.numel(), device=device)
+        steps = torch.arange(self.max_length, device=device)
+        self.batch_sizes = (lengths.unsqueeze(0) > steps.unsqueeze(1)).sum(1).tolist()
         row_rank = rank[self.batch_index]
         row_length = lengths[self.batch_index]
         self.forward_slots = self.turn_index * self.batch_size + row_rank
