@@ -23,6 +23,7 @@ GATE_MODES = ("learned", "mean", "vote")
 EXPERTS = ("speech", "text", "cross_modal")
 CLASSIFICATION_LOSSES = ("focal", "ce")
 CONVERSATION_INITS = ("pytorch", "normal")
+RECURRENCES = ("auto", "cudnn", "loop")
 ACTIVATIONS = (None, "relu", "gelu", "tanh")
 
 # Per-architecture defaults: the papers' values (§2.3, §3.5, §3.6, §4.2, §4.3, §6).
@@ -171,6 +172,10 @@ class MeritsConfig(PretrainedConfig):
         conversation_init (`str`): initialisation of the conversation-level modules (context encoders, co-attention
             fusion, gate): "pytorch" (default; PyTorch's own fan-in-scaled uniform init of Linear, Conv1d and GRU, which
             the authors' code uses) or "normal" (normal(0, initializer_range) linears, Xavier GRU weights, zero biases).
+        recurrence (`str`): how the context encoders run their GRUs over the real turns: "auto" (default: "cudnn" on
+            any non-CPU device, "loop" on CPU), "cudnn" (`nn.GRU` over packed sequences: one cuDNN call per layer on a
+            GPU) or "loop" (`MeritsGRURecurrence`: per-step loop with a hand-written backward, the fastest on a CPU).
+            Both use the same `nn.GRU` parameters (same checkpoints) and compute the same function.
     """
 
     model_type = "merits"
@@ -222,6 +227,7 @@ class MeritsConfig(PretrainedConfig):
         kl_weight=0.1,
         initializer_range=0.02,
         conversation_init="pytorch",
+        recurrence="auto",
         id2label=None,
         label2id=None,
         **kwargs,
@@ -318,6 +324,9 @@ class MeritsConfig(PretrainedConfig):
                 f"Unknown conversation_init {conversation_init!r}; valid ones are {', '.join(CONVERSATION_INITS)}."
             )
         self.conversation_init = conversation_init
+        if recurrence not in RECURRENCES:
+            raise ValueError(f"Unknown recurrence {recurrence!r}; valid ones are {', '.join(RECURRENCES)}.")
+        self.recurrence = recurrence
 
         # ---- modalities and embedding sizes -------------------------------------------------------------------
         self.text_embed_dim = self._resolve_text_embed_dim(text_embed_dim)

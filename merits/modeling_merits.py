@@ -108,6 +108,12 @@ class MeritsConversationClassifierOutput(ModelOutput):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def float32_region(tensor: torch.Tensor):
+    """A region where autocast is off on `tensor`'s device: the losses, the gate and their softmaxes run in float32
+    under bf16 mixed precision (autocast would otherwise run their matrix products in bfloat16)."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Softmax of `scores` over `dim` restricted to `mask` (True = keep). Fully masked rows give all zeros."""
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
@@ -173,7 +179,8 @@ def focal_loss(logits, labels, gamma=3.0, mask=None, ignore_index=-100):
     if not valid.any():
         return logits.sum() * 0.0
     selected = logits[valid]
-    ce = F.cross_entropy(selected.float(), labels[valid], reduction="none")
+    with float32_region(selected):
+        ce = F.cross_entropy(selected.float(), labels[valid], reduction="none")
     if gamma:
         p_true = torch.exp(-ce)
         ce = (1.0 - p_true).pow(gamma) * ce
@@ -191,9 +198,10 @@ def supervised_contrastive_loss(text_repr, audio_repr, labels, mask, temperature
     if not valid.any():
         return (text_repr.sum() + audio_repr.sum()) * 0.0
     features = torch.cat([text_repr[valid], audio_repr[valid]], dim=0).float()
-    features = F.normalize(features, dim=-1)
+    with float32_region(features):
+        features = F.normalize(features, dim=-1)
+        similarity = features @ features.t() / temperature
     row_labels = torch.cat([labels[valid], labels[valid]], dim=0)
-    similarity = features @ features.t() / temperature
     not_self = ~torch.eye(similarity.shape[0], dtype=torch.bool, device=similarity.device)
     similarity = similarity.masked_fill(~not_self, torch.finfo(similarity.dtype).min)
     log_prob = similarity - torch.logsumexp(similarity, dim=1, keepdim=True)
@@ -304,7 +312,7 @@ _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
 def _feature_encoder_per_utterance(self, input_values):
     """A wav2vec2-family convolutional feature encoder run one utterance at a time (it never mixes utterances)."""
-    if input_values.shape[0] <= 1:
+    if input_values.shape[0] <= 1 or input_values.device.type != "cpu":  # a CPU cache optimisation: batched on GPUs
         return type(self).forward(self, input_values)
     return torch.cat([type(self).forward(self, row) for row in input_values.split(1)], dim=0)
 
@@ -593,14 +601,56 @@ class MeritsGRURecurrence(torch.autograd.Function):
                 None)
 
 
-def run_packed_gru(gru: nn.GRU, rows: torch.Tensor, plan: MeritsTurnPlan) -> torch.Tensor:
-    """`gru` (batch-first, no inter-layer dropout) over the real turns only, using its own parameters.
+RECURRENCE_ROUTES = ("cudnn", "loop")
+
+
+def resolve_recurrence(recurrence: str, device: torch.device) -> str:
+    """`MeritsConfig.recurrence` -> the route for tensors on `device`: "auto" is "loop" on CPU (our per-step loop is the
+    fastest there) and "cudnn" on any other device (`nn.GRU` runs a whole layer in one cuDNN call on a GPU, where a
+    Python loop would issue ~5 small kernels per step, layer and direction)."""
+    if recurrence == "auto":
+        return "loop" if torch.device(device).type == "cpu" else "cudnn"
+    if recurrence not in RECURRENCE_ROUTES:
+        raise ValueError(f"Unknown recurrence {recurrence!r}; valid ones are auto, {', '.join(RECURRENCE_ROUTES)}.")
+    return recurrence
+
+
+def _packed_positions(plan: MeritsTurnPlan) -> torch.Tensor:
+    """Row i's index in the data of the `PackedSequence` of the plan's conversations (time-major, length-sorted:
+    step t holds its `batch_sizes[t]` running conversations in rank order); computed once per plan."""
+    positions = getattr(plan, "_packed_positions", None)
+    if positions is None:
+        sizes = torch.tensor(plan.batch_sizes, dtype=torch.long)
+        offsets = (torch.cumsum(sizes, 0) - sizes).to(plan.turn_index.device)
+        positions = offsets[plan.turn_index] + plan.forward_slots % plan.batch_size
+        plan._packed_positions = positions
+    return positions
+
+
+def run_packed_gru_cudnn(gru: nn.GRU, rows: torch.Tensor, plan: MeritsTurnPlan) -> torch.Tensor:
+    """`gru` itself over the plan's conversations as one `PackedSequence` (cuDNN on a GPU): rows [N, D_in] ->
+    [N, num_directions * H], the same function (and parameters) as `run_packed_gru`'s loop route."""
+    width = gru.hidden_size * (2 if gru.bidirectional else 1)
+    if plan.num_real == 0:
+        return rows.new_zeros(0, width)
+    positions = _packed_positions(plan)
+    data = rows.new_empty(rows.shape).index_copy(0, positions, rows)  # [N, D_in] in packed order
+    packed = nn.utils.rnn.PackedSequence(data, torch.tensor(plan.batch_sizes, dtype=torch.long))
+    output, _ = gru(packed)
+    return output.data.index_select(0, positions)
+
+
+def run_packed_gru(gru: nn.GRU, rows: torch.Tensor, plan: MeritsTurnPlan, recurrence: str = "loop") -> torch.Tensor:
+    """`gru` (batch-first) over the real turns only, using its own parameters.
 
     rows [N, D_in] (row-major real turns) -> [N, num_directions * H]; equals `gru` on the packed sequences.
-    Each layer's input projection is one matrix product over the N real rows; only the recurrence loops over time.
-    (Running the two experts' GRUs in one recurrence was tried: on a CPU a step costs one read of the [3H, H] weights
-    per direction, so it saved nothing.)
+    `recurrence` ("auto" | "cudnn" | "loop", see `resolve_recurrence`): "cudnn" hands the packed sequences to `gru`
+    itself; "loop" (no inter-layer dropout) computes each layer's input projection as one matrix product over the N
+    real rows and only the recurrence loops over time (`MeritsGRURecurrence`). (Running the two experts' GRUs in one
+    recurrence was tried: on a CPU a step costs one read of the [3H, H] weights per direction, so it saved nothing.)
     """
+    if resolve_recurrence(recurrence, rows.device) == "cudnn":
+        return run_packed_gru_cudnn(gru, rows, plan)
     if gru.dropout and gru.training and gru.num_layers > 1:
         raise ValueError("run_packed_gru does not implement inter-layer GRU dropout.")
     if plan.num_real == 0:
@@ -682,6 +732,7 @@ class MeritsContextEncoder(nn.Module):
         )
         self.dropout = MeritsDropout(config.context_dropout)
         self.classifier = nn.Linear(self.output_size, config.num_labels)
+        self.recurrence = getattr(config, "recurrence", "auto")  # resolved per call by the input's device
         _mark_conversation_level(self)
 
     # ---- full conversation ------------------------------------------------------------------------------------
@@ -741,7 +792,7 @@ class MeritsContextEncoder(nn.Module):
             plan = MeritsTurnPlan(turn_mask, gap=self.conv_gap)
         rows = plan.gather(x)  # [N, D]
         gru_in = self._convolve_rows(rows, plan) if self.kind == "conv_bigru" else rows
-        gru_out = run_packed_gru(self.gru, gru_in, plan)  # [N, 2H]
+        gru_out = run_packed_gru(self.gru, gru_in, plan, self.recurrence)  # [N, 2H]
         if self.kind == "conv_bigru":
             features = gru_out + self.skip(rows)
             logits = self.classifier(self.dropout(features))
@@ -1029,8 +1080,12 @@ class MeritsGate(nn.Module):
         """expert_logits [..., E, C], available [..., E] bool -> weights [..., E]."""
         available = available.bool()
         if self.mode == "learned":
-            g = self.output(torch.relu(self.dense(expert_logits.flatten(-2))))
-            return masked_softmax(g / self.temperature, available)
+            # the gate and its softmax in (at least) float32 under mixed precision or with bf16 weights
+            dtype = torch.promote_types(self.dense.weight.dtype, torch.float32)
+            with float32_region(expert_logits):
+                hidden = F.linear(expert_logits.to(dtype).flatten(-2), self.dense.weight.to(dtype), self.dense.bias.to(dtype))
+                g = F.linear(torch.relu(hidden), self.output.weight.to(dtype), self.output.bias.to(dtype))
+                return masked_softmax(g / self.temperature, available)
         if self.mode == "mean":
             weights = available.to(expert_logits.dtype)
             return weights / weights.sum(-1, keepdim=True).clamp(min=1.0)
@@ -1540,7 +1595,7 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
         tie_order = [{"speech": 0, "text": 1, "cross_modal": 2}[name] for name in names]
         weights = self._run(self.gate, stacked, available, tie_order) if self.gate is not None else None
         mixture = (weights.unsqueeze(-1) * stacked).sum(-2)
-        full_weights = stacked.new_zeros(*weights.shape[:-1], len(EXPERTS))
+        full_weights = weights.new_zeros(*weights.shape[:-1], len(EXPERTS))  # float32 under mixed precision
         for index, name in enumerate(names):
             full_weights[..., EXPERTS.index(name)] = weights[..., index]
         return mixture, full_weights, stacked, available
@@ -1694,6 +1749,8 @@ __all__ = [
     "MeritsTurnPlan",
     "MeritsGRURecurrence",
     "run_packed_gru",
+    "run_packed_gru_cudnn",
+    "resolve_recurrence",
     "MeritsPreTrainedModel",
     "MeritsForConversationClassification",
     "focal_loss",
