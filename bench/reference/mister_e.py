@@ -10,7 +10,10 @@ released code actually does:
   (pads contribute zeros to the mean);
 - supervised contrastive loss (temperature 1) over all B*T rows of both modalities, pads included;
 - symmetric KL between the 3 experts' softmaxes with ``reduction="batchmean"``, pads included;
-- Adam lr 1e-5, gradient-norm clip 1.0, batch 8 conversations.
+- Adam lr 1e-5, gradient-norm clip 1.0, batch 8 conversations;
+- the per-step extras of the authors' loop, which cost time but change nothing: the gate entropy (computed,
+  unused), a softmax and a log-softmax of each side of every KL pair, the step's predictions and labels read back
+  to the host and ``loss.item()``; the unused ``proj``/``classifier`` layers sit in the optimiser and the clip.
 
 It is written independently (it is not a copy) and only depends on torch.
 """
@@ -121,9 +124,10 @@ def symmetric_kl(stacked_logits: torch.Tensor, temperature: float = 1.0) -> torc
     total, pairs = 0.0, 0
     for i in range(num_experts):
         for j in range(i + 1, num_experts):
-            log_p = F.log_softmax(stacked_logits[:, :, i] / temperature, dim=-1)
-            log_q = F.log_softmax(stacked_logits[:, :, j] / temperature, dim=-1)
-            total = total + F.kl_div(log_p, log_q.exp(), reduction="batchmean") + F.kl_div(log_q, log_p.exp(), reduction="batchmean")
+            p, q = stacked_logits[:, :, i] / temperature, stacked_logits[:, :, j] / temperature
+            # log-softmax AND softmax of each side, as the authors' compute_symmetric_kl computes them
+            log_p, log_q = F.log_softmax(p, dim=-1), F.log_softmax(q, dim=-1)
+            total = total + F.kl_div(log_p, F.softmax(q, dim=-1), reduction="batchmean") + F.kl_div(log_q, F.softmax(p, dim=-1), reduction="batchmean")
             pairs += 1
     return total / pairs
 
@@ -147,6 +151,7 @@ class ReferenceAttentionMoE(nn.Module):
         _, text_logits = self.text_expert(text)
         audio_pair, text_pair, fusion_logits = self.fusion_expert(audio, text)
         weights = F.softmax(self.gate(torch.cat([audio_logits, text_logits, fusion_logits], dim=-1)) / self.temperature, dim=-1)
+        entropy = -torch.sum(weights * torch.log(weights + 1e-8), dim=-1).mean()  # computed, unused, as in the reference
         stacked = torch.stack([audio_logits, text_logits, fusion_logits], dim=-2)  # [B, T, 3, C]
         mixture = (weights.unsqueeze(-1) * stacked).sum(dim=-2)
         return {
@@ -158,6 +163,7 @@ class ReferenceAttentionMoE(nn.Module):
             "text_pair": text_pair,
             "kl": symmetric_kl(stacked),
             "gate_weights": weights,
+            "gate_entropy": entropy,
         }
 
 
@@ -210,10 +216,15 @@ def make_optimizer(model: nn.Module, lr: float = 1e-5) -> torch.optim.Optimizer:
 
 
 def train_step(model: ReferenceAttentionMoE, optimizer: torch.optim.Optimizer, audio, text, labels) -> float:
-    """One reference step: forward, the summed losses, backward, clip to 1.0, Adam step."""
+    """One reference step as `train_moe.py` takes it: forward, the summed losses, the step's predictions and labels
+    read back to the host (its running training accuracy), `loss.item()`, backward, clip to 1.0, Adam step."""
     model.train()
     model.zero_grad()
-    loss = moe_loss(model(audio, text), labels)
+    outputs = model(audio, text)
+    loss = moe_loss(outputs, labels)
+    predictions = outputs["logits"].argmax(-1).detach().cpu().reshape(-1).tolist()  # noqa: F841 - the per-step readback
+    gold = labels.detach().cpu().reshape(-1).tolist()  # noqa: F841
+    float(loss.detach())
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
