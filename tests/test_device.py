@@ -22,6 +22,10 @@ DEVICE = torch.device(os.environ.get("MERITS_TEST_DEVICE", "cpu"))
 if DEVICE.type == "cuda" and not torch.cuda.is_available():
     pytest.skip("MERITS_TEST_DEVICE=cuda but no CUDA device", allow_module_level=True)
 
+if DEVICE.type == "cuda":  # float32 means float32: cuDNN's GRU and convolutions would otherwise use TF32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
 # float64 on CPU (exact comparisons); float32 on GPUs (cuDNN has no float64 GRU speed path; tolerances widened)
 DTYPE = torch.float64 if DEVICE.type == "cpu" else torch.float32
 TOL = dict(rtol=1e-7, atol=1e-9) if DTYPE == torch.float64 else dict(rtol=2e-4, atol=2e-5)
