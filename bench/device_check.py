@@ -226,6 +226,8 @@ def section_model_tests(figures: dict, device, smoke: bool, budget: Budget, host
             figures[f"{name}/skipped"] = "not enough time left in the budget"
             continue
         env = dict(os.environ, PYTHONUNBUFFERED="1", **env_extra)
+        if smoke:
+            env["OMP_NUM_THREADS"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
         started = time.monotonic()
@@ -530,6 +532,10 @@ def main(argv=None) -> dict:
         print("[device_check] no CUDA device: running the CPU smoke sizes (use --cpu-smoke to ask for them)",
               file=sys.stderr)
         smoke = True
+    if smoke:
+        # tiny sizes gain nothing from threads, and on a busy host every small op's OpenMP barrier then waits for a
+        # time slice (a tiny MoE step took seconds): one thread
+        torch.set_num_threads(1)
     budget = Budget(args.budget_seconds or (150.0 if smoke else 420.0))
     if args.out:
         path = Path(args.out)
