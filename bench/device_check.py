@@ -519,7 +519,7 @@ def main(argv=None) -> dict:
                         help="tiny sizes on CPU: the same code paths, no figure to conclude from")
     parser.add_argument("--out", default=None, help="the JSON path (default $OUT/device_check.json, else bench/out/)")
     parser.add_argument("--budget_seconds", type=float, default=None,
-                        help="global time budget (default 420 on a GPU, 150 with --cpu-smoke)")
+                        help="global time budget (default 360 on a GPU, 150 with --cpu-smoke)")
     parser.add_argument("--sections",
                         default="environment,matmul_peak,model_tests,moe_step,merits_l_steps,extraction,host_tests")
     args = parser.parse_args(argv)
@@ -536,7 +536,7 @@ def main(argv=None) -> dict:
         # tiny sizes gain nothing from threads, and on a busy host every small op's OpenMP barrier then waits for a
         # time slice (a tiny MoE step took seconds): one thread
         torch.set_num_threads(1)
-    budget = Budget(args.budget_seconds or (150.0 if smoke else 420.0))
+    budget = Budget(args.budget_seconds or (150.0 if smoke else 360.0))
     if args.out:
         path = Path(args.out)
     elif os.environ.get("OUT"):
