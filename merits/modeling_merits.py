@@ -208,14 +208,16 @@ def symmetric_kl_loss(expert_logits, available, reduction="batchmean"):
     `expert_logits` [B, T, E, C], `available` [B, T, E] bool. For each pair (i, j), KL(p_i||p_j) + KL(p_j||p_i) summed
     over classes, then over the turns where both experts are available, divided by the number of conversations B
     (`reduction="batchmean"`: the official `F.kl_div(log_p, q, reduction="batchmean")` on [B, T, C], which divides the
-    total by its first dimension; here padded turns add nothing) or averaged over those turns (`"mean"`: about T times
-    smaller); then averaged over the E(E-1)/2 pairs. A pair with no shared turn contributes zero.
+    total by its first dimension; here padded turns add nothing and B counts the conversations with a real turn, so a
+    fully padded row changes nothing either) or averaged over those turns (`"mean"`: about T times smaller); then
+    averaged over the E(E-1)/2 pairs. A pair with no shared turn contributes zero.
     """
     if reduction not in ("batchmean", "mean"):
         raise ValueError(f"Unknown KL reduction {reduction!r}; valid ones are batchmean, mean.")
     num_experts = expert_logits.shape[-2]
     if num_experts < 2:
         return expert_logits.sum() * 0.0
+    conversations = available.reshape(available.shape[0], -1).any(-1).sum().clamp(min=1)
     log_probs = F.log_softmax(expert_logits.float(), dim=-1)
     probs = log_probs.exp()
     total = expert_logits.sum() * 0.0
@@ -228,7 +230,7 @@ def symmetric_kl_loss(expert_logits, available, reduction="batchmean"):
                 continue
             kl = (probs[..., i, :] * (log_probs[..., i, :] - log_probs[..., j, :])).sum(-1)
             kl = kl + (probs[..., j, :] * (log_probs[..., j, :] - log_probs[..., i, :])).sum(-1)
-            total = total + (kl[both].sum() / expert_logits.shape[0] if reduction == "batchmean" else kl[both].mean())
+            total = total + (kl[both].sum() / conversations if reduction == "batchmean" else kl[both].mean())
     return total / num_pairs
 
 
@@ -1552,8 +1554,13 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
         # a turn lacking one modality falls back to the other modality's context logits
         logits = torch.where(both.unsqueeze(-1), fusion_logits, context_logits)
         if labels is not None:
+            if stage == "context+fusion" and not self.config.joint_context_losses:
+                # the paper merges stages II and III into one end-to-end stage: the loss of its final output (fusion
+                # where a turn has both modalities, the context fallback where it has one)
+                terms["joint"] = self._classification_loss(logits, labels, turn_mask, stage)
+                return logits, terms["joint"]
             terms["fusion"] = self._classification_loss(fusion_logits, labels, both, stage)
-            if stage == "context+fusion" and self.config.joint_context_losses:
+            if stage == "context+fusion":
                 terms["context_text"] = self._classification_loss(ctx_text, labels, text_mask, stage)
                 terms["context_audio"] = self._classification_loss(ctx_audio, labels, audio_mask, stage)
         return logits, (sum(terms.values()) if terms else None)

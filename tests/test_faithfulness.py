@@ -74,6 +74,9 @@ def test_kl_term_ignores_padded_turns_and_still_divides_by_conversations():
         p, q = F.log_softmax(real[:, 0], -1), F.log_softmax(real[:, 1], -1)
         total = total + (F.kl_div(p, q.exp(), reduction="sum") + F.kl_div(q, p.exp(), reduction="sum")) / 2
     assert torch.allclose(ours, total / 3, rtol=1e-5)
+    # a fully padded conversation (no real turn) is not counted in B
+    extra = torch.cat([padded, torch.randn(1, 5, 3, 4)]), torch.cat([available, torch.zeros(1, 5, 3, dtype=torch.bool)])
+    assert torch.allclose(symmetric_kl_loss(*extra), ours)
 
 
 def test_model_uses_the_configured_kl_reduction():
@@ -271,10 +274,21 @@ def test_joint_context_fusion_trains_on_the_fusion_loss_only_by_default():
                  turn_mask=torch.ones(2, 5, dtype=torch.long), labels=torch.randint(0, 4, (2, 5)), stage="context+fusion")
     model = MeritsForConversationClassification(MeritsConfig(**kwargs)).eval()
     out = model(**batch)
-    assert set(out.loss_terms) == {"fusion"} and torch.allclose(out.loss, out.loss_terms["fusion"])
+    assert set(out.loss_terms) == {"joint"} and torch.allclose(out.loss, out.loss_terms["joint"])
+    # every turn has both modalities: the loss is the fusion head's
+    assert torch.allclose(out.loss, F.cross_entropy(out.fusion_logits.flatten(0, 1), batch["labels"].flatten()))
     out.loss.backward()
     assert model.text_context.gru.weight_ih_l0.grad.abs().sum() > 0  # end to end: the context encoders learn from it
     with_context = MeritsForConversationClassification(MeritsConfig(joint_context_losses=True, **kwargs)).eval()
     with_context.load_state_dict(model.state_dict())
     terms = with_context(**batch).loss_terms
     assert set(terms) == {"fusion", "context_text", "context_audio"}
+    # a turn with one modality: the joint loss trains its context fallback (the final output there)
+    text_only = torch.ones(2, 5, dtype=torch.long)
+    audio_mask = text_only.clone()
+    audio_mask[0, 2] = 0
+    model.zero_grad()
+    out = model(**batch, audio_mask=audio_mask)
+    out.loss.backward()
+    assert model.text_context.classifier.weight.grad.abs().sum() > 0
+    assert model.audio_context.classifier.weight.grad is None or model.audio_context.classifier.weight.grad.abs().sum() == 0
