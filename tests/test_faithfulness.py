@@ -292,3 +292,178 @@ def test_joint_context_fusion_trains_on_the_fusion_loss_only_by_default():
     out.loss.backward()
     assert model.text_context.classifier.weight.grad.abs().sum() > 0
     assert model.audio_context.classifier.weight.grad is None or model.audio_context.classifier.weight.grad.abs().sum() == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# configs/ablations: one YAML per paper row, inheriting from a main config; every one parses and builds
+# ---------------------------------------------------------------------------------------------------------------------
+
+ABLATIONS = sorted((REPO / "configs" / "ablations").glob("*.yaml"))
+
+
+def _flat(options: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in options.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@pytest.mark.parametrize("path", ABLATIONS, ids=[p.stem for p in ABLATIONS])
+def test_ablation_config_differs_from_its_main_config_only_where_it_says_and_builds(path):
+    import yaml
+    from transformers import LlamaConfig
+
+    import test_configs
+    from merits.training.arguments import parse_args
+
+    test_configs.BACKBONES.setdefault("meta-llama/Llama-3.1-8B", lambda: LlamaConfig(
+        vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=14336, max_position_embeddings=131072, rope_theta=5e5, tie_word_embeddings=False))
+    own = yaml.safe_load(path.read_text())
+    main = (path.parent / own.pop("inherit")).resolve()
+    assert main.is_file() and main.parent == REPO / "configs", "an ablation inherits from a main config"
+    args = parse_args(["--config", str(path)])
+    parent = parse_args(["--config", str(main)])
+    changed = {k for k, v in _flat(args.to_dict()).items() if _flat(parent.to_dict()).get(k, object()) != v}
+    changed -= {"config", "output_dir"}
+    assert changed, f"{path.name} changes nothing"
+    assert changed <= set(_flat(own)), f"{path.name} changes {sorted(changed - set(_flat(own)))} it does not set"
+    assert args.output_dir.endswith(path.stem)
+    for architecture in args.architectures():
+        config = test_configs.model_config(args, architecture)
+        with torch.device("meta"):
+            model = MeritsForConversationClassification(config)
+        for stage in args.stages_for(architecture):
+            assert model.freeze_for_stage("utterance" if stage == "pretrain" else stage)
+    readme = (REPO / "configs" / "ablations" / "README.md").read_text()
+    stem = path.stem.split("_", 1)[1] if not path.stem.startswith("msp") else path.stem
+    row = stem.split("_", 1)[1] if "_" in stem and not stem.startswith("msp") else stem
+    assert row in readme, f"configs/ablations/README.md does not list {path.name}"
+
+
+def test_inherit_merges_mappings_and_refuses_cycles(tmp_path):
+    from merits.training.arguments import ConfigError, parse_args
+
+    (tmp_path / "base.yaml").write_text("architecture: mister-e\nmodel: {kl_weight: 0.5, supcon_weight: 1.0}\n"
+                                        "moe: {num_epochs: 3, learning_rate: 1.0e-3}\nmodalities: [text, audio]\n")
+    (tmp_path / "child.yaml").write_text("inherit: base.yaml\nmodel: {kl_weight: 0.0}\nmoe: {num_epochs: 5}\n"
+                                         "modalities: [text]\n")
+    args = parse_args(["--config", str(tmp_path / "child.yaml")])
+    assert args.model == {"kl_weight": 0.0, "supcon_weight": 1.0}
+    assert (args.moe.num_epochs, args.moe.learning_rate) == (5, 1e-3) and args.modalities == ["text"]
+    (tmp_path / "loop.yaml").write_text("inherit: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("inherit: loop.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        parse_args(["--config", str(tmp_path / "loop.yaml")])
+    (tmp_path / "orphan.yaml").write_text("inherit: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml.*not found.*inherited by"):
+        parse_args(["--config", str(tmp_path / "orphan.yaml")])
+
+
+def test_pretrain_config_names_a_whisper_model_load_whisper_takes():
+    import re
+
+    import whisper
+
+    for path in [REPO / "configs" / "msp_podcast_pretrain.yaml", *sorted((REPO / "configs" / "ablations").glob("msp_*.yaml"))]:
+        names = re.findall(r"--whisper-model (\S+)", path.read_text())
+        assert names, path
+        assert all(name in whisper.available_models() for name in names), (path, names)
+
+
+def test_mosi_configs_describe_the_split_the_loader_uses():
+    import csv
+
+    for path in (REPO / "configs").glob("mosi_*.yaml"):
+        text = path.read_text()
+        assert "49 videos train" not in text and "52 videos train, 10 validation, 31 test" in text
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "mosi" / "mosi_label.csv"
+    if data.is_file():
+        videos = {}
+        for row in csv.DictReader(open(data)):
+            videos.setdefault(row["mode"], set()).add(row["id"].rsplit("_", 1)[0])
+        assert (len(videos["train"]), len(videos["dev"])) == (52, 10)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training: the speech head's own optimiser group, no clipping in stage I, the 5 s random crop
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_stage1_defaults_follow_the_official_utterance_code():
+    from merits.training.arguments import ConfigError, parse_args
+
+    args = parse_args([], default_config=None)
+    assert args.utterance.max_grad_norm is None and args.moe.max_grad_norm == 1.0
+    assert args.separate_speech_head_optimizer
+    head = args.speech_head  # the CARE head (§2.3): Adam 1e-4
+    assert (head.learning_rate, head.optimizer, head.weight_decay, head.max_grad_norm) == (1e-4, "adam", 0.0, None)
+    with pytest.raises(ConfigError, match="speech_head.optimizer"):
+        parse_args(["--speech_head.weight_decay", "0.1", "--utterance.weight_decay", "0.01"], default_config=None)
+    with pytest.raises(ConfigError, match="audio_train_crop_seconds"):
+        parse_args(["--audio_train_crop_seconds", "0"], default_config=None)
+
+
+def test_separate_speech_head_group_has_its_own_lr_schedule_and_clip():
+    from merits.training.arguments import StageArguments
+    from merits.training.loop import build_optimizer, build_scheduler
+
+    text = nn.Linear(4, 4)
+    speech = nn.Linear(4, 4)
+    text_args = StageArguments(learning_rate=2e-5, weight_decay=0.01, warmup_ratio=0.5, optimizer="adamw")
+    speech_args = StageArguments(learning_rate=1e-4, weight_decay=0.0, optimizer="adam", max_grad_norm=None)
+    groups = [(list(text.parameters()), text_args), (list(speech.parameters()), speech_args)]
+    optimizer = build_optimizer(None, text_args, groups)
+    assert isinstance(optimizer, torch.optim.AdamW)  # Adam == AdamW without weight decay
+    assert [g["lr"] for g in optimizer.param_groups] == [2e-5, 1e-4]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]
+    scheduler = build_scheduler(optimizer, text_args, total_steps=10, group_arguments=[text_args, speech_args])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-5 / 5)  # warm-up: step 1 of 5
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(1e-4)  # constant
+    del scheduler
+
+
+def test_stage1_param_groups_split_the_speech_head_from_the_text_encoder():
+    from merits.training.arguments import parse_args
+    from merits.training.stages import stage1_param_groups
+
+    from _tiny import tiny_roberta_config
+
+    model = MeritsForConversationClassification(MeritsConfig(architecture="merits-l", text_config=tiny_roberta_config(),
+                                                             audio_feature_dim=10, id2label=LABELS))
+    model.freeze_for_stage("utterance")
+    args = parse_args([], default_config=None)
+    (rest, rest_args), (speech, speech_args) = stage1_param_groups(args)(model)
+    assert {id(p) for p in speech} == {id(p) for p in model.speech_encoder.parameters() if p.requires_grad}
+    assert {id(p) for p in rest} == {id(p) for p in model.text_encoder.parameters()}
+    assert rest_args is args.utterance and speech_args is args.speech_head
+    assert stage1_param_groups(parse_args(["--separate_speech_head_optimizer", "false"], default_config=None)) is None
+
+
+def test_random_audio_crop_is_random_per_epoch_reproducible_and_leaves_short_turns():
+    import numpy as np
+
+    from merits.data import RandomAudioCrop
+
+    rng = np.random.default_rng(0)
+    long = {"array": rng.standard_normal(16000 * 8).astype(np.float32), "sampling_rate": 16000, "path": None}
+    short = {"array": rng.standard_normal(16000 * 2).astype(np.float32), "sampling_rate": 16000, "path": None}
+    items = [[{"dialogue_id": "d", "turn": 0, "audio": long, "text": "x"}, {"dialogue_id": "d", "turn": 1, "audio": short},
+              {"dialogue_id": "d", "turn": 2, "audio": None, "text": "y"}]]
+    crop = RandomAudioCrop(items, 5.0, seed=1)
+    first = crop[0]
+    assert len(first[0]["audio"]["array"]) == 5 * 16000
+    window = first[0]["audio"]["array"]
+    start = int(np.flatnonzero(long["array"] == window[0])[0])
+    assert np.array_equal(long["array"][start : start + 80000], window)  # a contiguous window of the original
+    assert np.array_equal(first[1]["audio"]["array"], short["array"]) and first[2]["audio"] is None
+    assert np.array_equal(crop[0][0]["audio"]["array"], window)  # same epoch, same window
+    windows = set()
+    for epoch in range(6):
+        crop.set_epoch(epoch)
+        windows.add(float(crop[0][0]["audio"]["array"][0]))
+    assert len(windows) > 3  # a new window each epoch
+    assert items[0][0]["audio"] is long  # the items themselves are untouched
