@@ -467,3 +467,155 @@ def test_random_audio_crop_is_random_per_epoch_reproducible_and_leaves_short_tur
         windows.add(float(crop[0][0]["audio"]["array"][0]))
     assert len(windows) > 3  # a new window each epoch
     assert items[0][0]["audio"] is long  # the items themselves are untouched
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# merits evaluate --drop-modality: MiSTER-E's test-time modality-dropout analysis
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _feature_folder(tmp_path, text_dim=12, audio_dim=10, conversations=4, turns=5):
+    import datasets
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rows = {"dialogue_id": [], "turn": [], "label": [], "text_embeds": [], "audio_embeds": []}
+    for dialogue in range(conversations):
+        for turn in range(turns - dialogue % 2):
+            rows["dialogue_id"].append(f"d{dialogue}")
+            rows["turn"].append(turn)
+            rows["label"].append(["neutral", "happy", "sad"][int(rng.integers(3))])
+            rows["text_embeds"].append(rng.standard_normal(text_dim).astype(np.float32).tolist())
+            rows["audio_embeds"].append(rng.standard_normal(audio_dim).astype(np.float32).tolist())
+    folder = tmp_path / "features"
+    datasets.Dataset.from_dict(rows).save_to_disk(str(folder))
+    return folder, rows
+
+
+def _run_cli(capsys, argv):
+    import json
+
+    from merits.cli import main
+
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def _conversation_tensors(rows, model):
+    dialogues = sorted(set(rows["dialogue_id"]))
+    out = []
+    for dialogue in dialogues:
+        index = [i for i, d in enumerate(rows["dialogue_id"]) if d == dialogue]
+        index.sort(key=lambda i: rows["turn"][i])
+        out.append((torch.tensor([[rows["text_embeds"][i] for i in index]]),
+                    torch.tensor([[rows["audio_embeds"][i] for i in index]]),
+                    [model.config.label2id[rows["label"][i]] for i in index]))
+    return out
+
+
+def test_drop_speech_mister_e_gate_falls_to_the_text_expert(tmp_path, capsys):
+    from sklearn.metrics import f1_score
+
+    from merits import save_hub_folder
+
+    from _tiny import tiny_merits_config
+
+    torch.manual_seed(0)
+    model = MeritsForConversationClassification(tiny_merits_config("mister-e", initializer_range=0.3)).eval()
+    folder = tmp_path / "m"
+    save_hub_folder(model, None, folder)
+    features, rows = _feature_folder(tmp_path)
+    result = _run_cli(capsys, ["evaluate", "--model", str(folder), "--dataset", "features", "--file", str(features),
+                               "--quiet", "--drop-modality", "speech"])
+    full_pred, text_pred, gold, gates = [], [], [], []
+    with torch.no_grad():
+        for text, audio, labels in _conversation_tensors(rows, model):
+            out = model(text_embeds=text, audio_embeds=audio)
+            full_pred += out.logits[0].argmax(-1).tolist()
+            text_pred += out.expert_logits[1][0].argmax(-1).tolist()  # the text expert alone
+            gates.append(out.gate_weights[0])
+            gold += labels
+    wf1 = lambda pred: f1_score(gold, pred, labels=[0, 1, 2], average="weighted", zero_division=0)  # noqa: E731
+    assert result["num_utterances"] == len(gold) == result["num_dropped"]
+    assert result["full"]["weighted_f1"] == pytest.approx(wf1(full_pred))
+    assert result["dropped"]["weighted_f1"] == pytest.approx(wf1(text_pred))  # speech gone: only the text expert left
+    gate = torch.cat(gates).mean(0)
+    assert [result["full"]["gate_mean"][e] for e in ("speech", "text", "cross_modal")] == pytest.approx(gate.tolist(), abs=1e-6)
+    assert result["dropped"]["gate_mean_on_dropped_turns"] == pytest.approx({"speech": 0.0, "text": 1.0, "cross_modal": 0.0})
+    assert "weight 0" in result["fallback"]
+    # the official analysis' random per-utterance dropout: about p of the turns, reproducible with the seed
+    argv = ["evaluate", "--model", str(folder), "--dataset", "features", "--file", str(features), "--quiet",
+            "--drop-modality", "text", "--drop-probability", "0.5", "--seed", "3"]
+    half = _run_cli(capsys, argv)
+    assert 0 < half["num_dropped"] < len(gold) and half == _run_cli(capsys, argv)
+    zero = _run_cli(capsys, argv[:-4] + ["--drop-mode", "zero"])
+    assert zero["drop_mode"] == "zero" and zero["num_dropped"] == len(gold)
+
+
+def test_drop_speech_merits_l_falls_back_to_the_text_context(tmp_path, capsys):
+    from sklearn.metrics import f1_score
+
+    from merits import save_hub_folder
+
+    from _tiny import tiny_merits_config
+
+    torch.manual_seed(1)
+    model = MeritsForConversationClassification(tiny_merits_config("merits-l", initializer_range=0.3)).eval()
+    folder = tmp_path / "m"
+    save_hub_folder(model, None, folder)
+    features, rows = _feature_folder(tmp_path)
+    result = _run_cli(capsys, ["evaluate", "--model", str(folder), "--dataset", "features", "--file", str(features),
+                               "--quiet", "--drop-modality", "speech"])
+    text_pred, gold = [], []
+    with torch.no_grad():
+        for text, audio, labels in _conversation_tensors(rows, model):
+            text_pred += model(text_embeds=text, audio_embeds=audio).context_text_logits[0].argmax(-1).tolist()
+            gold += labels
+    assert result["dropped"]["weighted_f1"] == pytest.approx(
+        f1_score(gold, text_pred, labels=[0, 1, 2], average="weighted", zero_division=0))
+    assert result["fallback"].startswith("context_text_logits") and result["fallback_verified"] is True
+    assert "gate_mean" not in result["full"]
+
+
+def test_drop_modality_errors_are_named(tmp_path, capsys):
+    from merits import save_hub_folder
+    from merits.cli import main
+
+    from _tiny import tiny_merits_config
+
+    model = MeritsForConversationClassification(tiny_merits_config("merits-l", audio_embed_dim=None))
+    folder = tmp_path / "m"
+    save_hub_folder(model, None, folder)
+    features, _ = _feature_folder(tmp_path)
+    assert main(["evaluate", "--model", str(folder), "--dataset", "features", "--file", str(features), "--quiet",
+                 "--drop-modality", "speech"]) == 2
+    assert "does not use speech" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(folder), "--dataset", "features", "--file", str(features), "--quiet",
+                 "--drop-modality", "text", "--drop-probability", "1.5"]) == 2
+    assert "--drop-probability" in capsys.readouterr().err
+
+
+def test_drop_modality_on_a_raw_corpus_embeds_once_and_scores_both_runs():
+    from merits.analysis import embed_rows, gold_ids, modality_dropout
+    from merits.data.demo import make_demo_corpus
+    from merits.feature_extraction_merits import MeritsAcousticFeatureExtractor
+    from merits.processing_merits import MeritsProcessor
+
+    from _tiny import tiny_merits_config, tiny_roberta_config
+    from test_processing import make_tokenizer
+
+    corpus = make_demo_corpus(num_dialogues=4, seed=0)
+    rows = corpus["validation"] if "validation" in corpus else corpus["train"]
+    labels = rows.features["label"].names
+    extractor = MeritsAcousticFeatureExtractor()
+    torch.manual_seed(2)
+    model = MeritsForConversationClassification(tiny_merits_config(
+        "mister-e", text_config=tiny_roberta_config(vocab_size=200), audio_feature_dim=extractor.feature_size,
+        id2label=dict(enumerate(labels)))).eval()
+    processor = MeritsProcessor(tokenizer=make_tokenizer(list(rows["text"])), feature_extractor=extractor)
+    features = embed_rows(model, processor, rows)
+    assert {"text_embeds", "audio_embeds"} <= set(features.column_names) and len(features) == len(rows)
+    gold = gold_ids(features, model.config.label2id, "demo")
+    result = modality_dropout(model, features, gold, "speech")
+    assert result["num_utterances"] == len(rows) and result["num_dropped"] == len(rows)
+    assert result["dropped"]["gate_mean_on_dropped_turns"]["speech"] == 0.0
