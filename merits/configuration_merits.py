@@ -272,6 +272,10 @@ class MeritsConfig(PretrainedConfig):
             None if attentive_pooling_hidden_size is None else int(attentive_pooling_hidden_size)
         )
         self.utterance_embed_dim = pick(utterance_embed_dim, "utterance_embed_dim", unset="default")
+        if utterance_embed_before_activation is None and "transformers_version" in kwargs:
+            # a config.json saved before this key existed: its context/MoE weights were trained on the activated
+            # embeddings, so keep exporting those (a new config takes the architecture's paper default)
+            utterance_embed_before_activation = False
         self.utterance_embed_before_activation = bool(
             pick(utterance_embed_before_activation, "utterance_embed_before_activation")
         )

@@ -377,7 +377,7 @@ def test_pretrain_config_names_a_whisper_model_load_whisper_takes():
 def test_mosi_configs_describe_the_split_the_loader_uses():
     import csv
 
-    for path in (REPO / "configs").glob("mosi_*.yaml"):
+    for path in (REPO / "configs").glob("mosi_m*.yaml"):  # mosi_merits-l, mosi_mister-e
         text = path.read_text()
         assert "49 videos train" not in text and "52 videos train, 10 validation, 31 test" in text
     data = Path(__file__).resolve().parents[2] / "shared" / "data" / "mosi" / "mosi_label.csv"
@@ -619,3 +619,12 @@ def test_drop_modality_on_a_raw_corpus_embeds_once_and_scores_both_runs():
     result = modality_dropout(model, features, gold, "speech")
     assert result["num_utterances"] == len(rows) and result["num_dropped"] == len(rows)
     assert result["dropped"]["gate_mean_on_dropped_turns"]["speech"] == 0.0
+
+
+def test_a_config_saved_before_the_key_keeps_exporting_activated_embeddings():
+    config = MeritsConfig(architecture="mister-e", text_embed_dim=8, audio_embed_dim=8, id2label=LABELS)
+    saved = config.to_dict()
+    assert saved["utterance_embed_before_activation"] is True
+    assert MeritsConfig.from_dict(saved).utterance_embed_before_activation is True  # round trip keeps it
+    del saved["utterance_embed_before_activation"]  # a config.json written before issue 17
+    assert MeritsConfig.from_dict(saved).utterance_embed_before_activation is False
