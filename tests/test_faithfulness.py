@@ -628,3 +628,24 @@ def test_a_config_saved_before_the_key_keeps_exporting_activated_embeddings():
     assert MeritsConfig.from_dict(saved).utterance_embed_before_activation is True  # round trip keeps it
     del saved["utterance_embed_before_activation"]  # a config.json written before issue 17
     assert MeritsConfig.from_dict(saved).utterance_embed_before_activation is False
+
+
+@pytest.mark.parametrize("name", ["iemocap6_mister-e", "iemocap4_mister-e", "meld_mister-e", "mosi_mister-e",
+                                  "iemocap4_merits-l", "meld_merits-l", "mosi_merits-l"])
+def test_paper_configs_stage1_settings(name):
+    from merits.training.arguments import parse_args
+
+    args = parse_args(["--config", str(REPO / "configs" / f"{name}.yaml")])
+    assert args.utterance.max_grad_norm is None and args.speech_head.max_grad_norm is None  # official: no clipping
+    assert args.separate_speech_head_optimizer
+    if name.endswith("mister-e"):
+        # §4.2: text batch 8 (no accumulation), AdamW 1e-5 betas (0.9, 0.99) eps 1e-6 wd 0; speech AdamW 1e-5, 5 s crops
+        u = args.utterance
+        assert (u.batch_size, u.gradient_accumulation_steps, u.learning_rate, u.adam_beta2, u.adam_epsilon,
+                u.weight_decay) == (8, 1, 1e-5, 0.99, 1e-6, 0.0)
+        assert (args.speech_head.learning_rate, args.speech_head.optimizer) == (1e-5, "adamw")
+        assert args.audio_train_crop_seconds == 5.0
+    else:
+        # §2.3: the CARE head, Adam 1e-4; whole utterances
+        assert (args.speech_head.learning_rate, args.speech_head.optimizer, args.speech_head.weight_decay) == (1e-4, "adam", 0.0)
+        assert args.audio_train_crop_seconds is None
