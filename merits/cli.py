@@ -4,6 +4,7 @@
 ```
 merits predict  --model DIR INPUT.jsonl -o OUT.jsonl [--batch-size 8] [--asr-model NAME] [--bf16]
 merits evaluate --model DIR --dataset {meld,mosi,iemocap,emodb,features} --file PATH [--split test]
+                [--drop-modality speech|text [--drop-probability P] [--drop-mode mask|zero]]
 ```
 
 ``predict`` reads one conversation per line: either a JSON list of turns or an object with a
@@ -425,6 +426,15 @@ def _predict_features(model_dir: str, ds, args, where: str) -> tuple[list[int], 
 def evaluate(args) -> int:
     from merits.data.schema import DataFormatError
 
+    if args.drop_modality:  # the test-time modality-dropout analysis (merits/analysis.py)
+        from merits.analysis import modality_dropout_report
+
+        try:
+            print(json.dumps(modality_dropout_report(args)))
+        except (ValueError, DataFormatError, FileNotFoundError) as error:
+            raise CliError(str(error)) from error
+        return 0
+
     where = f"{args.dataset} file {args.file}"
     try:
         if args.dataset == "features":
@@ -526,6 +536,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--asr-model", default=None, help="transformers ASR checkpoint for turns without text")
     e.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--drop-modality", choices=("speech", "text"), default=None,
+                   help="MiSTER-E's modality-dropout analysis: also score with this modality removed at test time, with "
+                        "the gate's mean weights (MERITS-L: its fallback); see merits/analysis.py")
+    e.add_argument("--drop-probability", type=float, default=1.0,
+                   help="with --drop-modality: remove it from each utterance with this probability (default 1: all)")
+    e.add_argument("--drop-mode", choices=("mask", "zero"), default="mask",
+                   help="with --drop-modality: mark the turns as lacking it (mask) or zero their embedding (zero)")
+    e.add_argument("--seed", type=int, default=0, help="with --drop-probability < 1: the random draw's seed")
     e.set_defaults(func=evaluate)
     return parser
 

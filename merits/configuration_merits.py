@@ -24,6 +24,7 @@ EXPERTS = ("speech", "text", "cross_modal")
 CLASSIFICATION_LOSSES = ("focal", "ce")
 CONVERSATION_INITS = ("pytorch", "normal")
 RECURRENCES = ("auto", "cudnn", "loop")
+KL_REDUCTIONS = ("batchmean", "mean")
 ACTIVATIONS = (None, "relu", "gelu", "tanh")
 
 # Per-architecture defaults: the papers' values (§2.3, §3.5, §3.6, §4.2, §4.3, §6).
@@ -42,6 +43,9 @@ _ARCHITECTURE_DEFAULTS = {
         "context_dropout": 0.2,
         "fusion_input_skip": False,
         "classification_loss": "ce",  # §3.1: all stages use cross-entropy
+        # the CARE head has no nonlinearity (§2.3): the exported embedding is the last hidden layer's output, as it
+        # always was here (also for heads configured with an activation, e.g. configs/emodb_speech_cpu.yaml)
+        "utterance_embed_before_activation": False,
     },
     "mister-e": {
         "text_pooling": "attentive_stats",  # §4.2
@@ -57,6 +61,9 @@ _ARCHITECTURE_DEFAULTS = {
         "context_dropout": 0.0,  # the code builds Dropout(0.2) but never applies it
         "fusion_input_skip": True,  # a <- a + Linear(x_a) after the blocks, §4.3
         "classification_loss": "focal",  # §4.3, gamma 3
+        # §4.2: the official get_features exports fc(feat), the projection BEFORE its ReLU (the classifier reads the
+        # ReLU of it); the MoE then trains on those signed embeddings
+        "utterance_embed_before_activation": True,
     },
 }
 
@@ -143,8 +150,12 @@ class MeritsConfig(PretrainedConfig):
         experts (`list[str]`, *optional*): mister-e experts to use, a subset of ("speech", "text", "cross_modal").
         text_pooling (`str`): "cls" (merits-l), "attentive_stats" (mister-e) or "mean".
         text_layer_norm (`bool`): LayerNorm on the last hidden state before pooling (mister-e §4.2).
-        attentive_pooling_hidden_size (`int`): width of the tanh attention of attentive statistics pooling.
+        attentive_pooling_hidden_size (`int`, *optional*): width of the tanh attention of attentive statistics pooling;
+            `None` (default) = the backbone's hidden size, as in the official MiSTER-E code (3584 -> 3584 -> 1).
         utterance_embed_dim (`int`, *optional*): projection of the pooled text vector (mister-e: 2048, then ReLU).
+        utterance_embed_before_activation (`bool`, *optional*): export the utterance embedding BEFORE the last
+            activation of the text projection / speech head (the classifier still reads the activated vector).
+            mister-e: True (the official `get_features` returns `fc(feat)`, §4.2); merits-l: False.
         text_head_dropout (`float`): dropout before the text classifier.
         speech_head_hidden_sizes (`list[int]`): hidden sizes of the speech head; the last one is the speech
             utterance embedding (merits-l [768, 256] §2.3; mister-e [2048]).
@@ -163,10 +174,20 @@ class MeritsConfig(PretrainedConfig):
         fusion_attention_dropout (`float`): 0.1. fusion_dropout (`float`): residual dropout, 0.5.
         fusion_layer_norm_eps (`float`): 1e-6. fusion_head_hidden_size (`int`): d' of the fusion classifier.
         fusion_input_skip (`bool`): add Linear(input) skips after the blocks (mister-e).
+        fusion_attention_inner_projections (`bool`): False (default): each attention has q/k/v projections
+            d -> `fusion_attention_size` and an output projection back to d. True: the official layout, where those
+            projections feed an `nn.MultiheadAttention` with its OWN q/k/v in-projections and out-projection
+            (`fusion_attention_size` -> `fusion_attention_size`, MHA's init) before the projection back to d. Same
+            function class (a product of linear maps is linear), 4 x 4 more small matrices per block, another init.
         gate_hidden_size (`int`): 10. gate_temperature (`float`): τ = 2. gate_mode (`str`): "learned" | "mean" | "vote".
         classification_loss (`str`): "focal" or "ce". focal_gamma (`float`): 3 (§4.3).
         utterance_focal_gamma (`float`): focal gamma of the mister-e utterance stage (2, §4.2).
         supcon_weight (`float`): 2. supcon_temperature (`float`): 1. kl_weight (`float`): 0.1.
+        kl_reduction (`str`): "batchmean" (default, the official `F.kl_div(..., reduction="batchmean")` on [B, T, C]:
+            the sum over the real turns and classes divided by the number of conversations B) or "mean" (the mean
+            over real turns: about T times weaker at the same `kl_weight`).
+        joint_context_losses (`bool`): merits-l stage "context+fusion" (the joint ablation, Fig. 4): also add the
+            two context encoders' own losses. False (default): only the fusion loss, as the paper merges the stages.
         initializer_range (`float`): std of the normal initialisation of the utterance-level linear layers (and of the
             conversation-level ones with `conversation_init="normal"`).
         conversation_init (`str`): initialisation of the conversation-level modules (context encoders, co-attention
@@ -194,8 +215,9 @@ class MeritsConfig(PretrainedConfig):
         experts=None,
         text_pooling=None,
         text_layer_norm=None,
-        attentive_pooling_hidden_size=128,
+        attentive_pooling_hidden_size=None,
         utterance_embed_dim="default",
+        utterance_embed_before_activation=None,
         text_head_dropout=None,
         speech_head_hidden_sizes=None,
         speech_head_activation="default",
@@ -216,6 +238,7 @@ class MeritsConfig(PretrainedConfig):
         fusion_layer_norm_eps=1e-6,
         fusion_head_hidden_size=None,
         fusion_input_skip=None,
+        fusion_attention_inner_projections=False,
         gate_hidden_size=10,
         gate_temperature=2.0,
         gate_mode="learned",
@@ -225,6 +248,8 @@ class MeritsConfig(PretrainedConfig):
         supcon_weight=2.0,
         supcon_temperature=1.0,
         kl_weight=0.1,
+        kl_reduction="batchmean",
+        joint_context_losses=False,
         initializer_range=0.02,
         conversation_init="pytorch",
         recurrence="auto",
@@ -249,8 +274,17 @@ class MeritsConfig(PretrainedConfig):
         if self.text_pooling not in TEXT_POOLINGS:
             raise ValueError(f"Unknown text_pooling {self.text_pooling!r}; valid ones are {', '.join(TEXT_POOLINGS)}.")
         self.text_layer_norm = bool(pick(text_layer_norm, "text_layer_norm"))
-        self.attentive_pooling_hidden_size = int(attentive_pooling_hidden_size)
+        self.attentive_pooling_hidden_size = (
+            None if attentive_pooling_hidden_size is None else int(attentive_pooling_hidden_size)
+        )
         self.utterance_embed_dim = pick(utterance_embed_dim, "utterance_embed_dim", unset="default")
+        if utterance_embed_before_activation is None and "transformers_version" in kwargs:
+            # a config.json saved before this key existed: its context/MoE weights were trained on the activated
+            # embeddings, so keep exporting those (a new config takes the architecture's paper default)
+            utterance_embed_before_activation = False
+        self.utterance_embed_before_activation = bool(
+            pick(utterance_embed_before_activation, "utterance_embed_before_activation")
+        )
         self.text_head_dropout = float(pick(text_head_dropout, "text_head_dropout"))
 
         # ---- speech utterance encoder (head) ---------------------------------------------------------------
@@ -294,6 +328,7 @@ class MeritsConfig(PretrainedConfig):
         self.fusion_layer_norm_eps = float(fusion_layer_norm_eps)
         self.fusion_head_hidden_size = int(fusion_head_hidden_size or self.fusion_hidden_size)
         self.fusion_input_skip = bool(pick(fusion_input_skip, "fusion_input_skip"))
+        self.fusion_attention_inner_projections = bool(fusion_attention_inner_projections)
 
         # ---- gate -------------------------------------------------------------------------------------------
         self.gate_hidden_size = int(gate_hidden_size)
@@ -318,6 +353,10 @@ class MeritsConfig(PretrainedConfig):
         if self.supcon_temperature <= 0:
             raise ValueError(f"`supcon_temperature` must be > 0, got {self.supcon_temperature}.")
         self.kl_weight = float(kl_weight)
+        if kl_reduction not in KL_REDUCTIONS:
+            raise ValueError(f"Unknown kl_reduction {kl_reduction!r}; valid ones are {', '.join(KL_REDUCTIONS)}.")
+        self.kl_reduction = kl_reduction
+        self.joint_context_losses = bool(joint_context_losses)
         self.initializer_range = float(initializer_range)
         if conversation_init not in CONVERSATION_INITS:
             raise ValueError(

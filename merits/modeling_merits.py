@@ -210,16 +210,22 @@ def supervised_contrastive_loss(text_repr, audio_repr, labels, mask, temperature
     return -mean_log_prob_pos.mean()
 
 
-def symmetric_kl_loss(expert_logits, available):
+def symmetric_kl_loss(expert_logits, available, reduction="batchmean"):
     """Masked symmetric KL (§4.3) averaged over expert pairs.
 
     `expert_logits` [B, T, E, C], `available` [B, T, E] bool. For each pair (i, j), KL(p_i||p_j) + KL(p_j||p_i) summed
-    over classes and averaged over the turns where both experts are available; then averaged over the E(E-1)/2 pairs.
-    A pair with no shared turn contributes zero.
+    over classes, then over the turns where both experts are available, divided by the number of conversations B
+    (`reduction="batchmean"`: the official `F.kl_div(log_p, q, reduction="batchmean")` on [B, T, C], which divides the
+    total by its first dimension; here padded turns add nothing and B counts the conversations with a real turn, so a
+    fully padded row changes nothing either) or averaged over those turns (`"mean"`: about T times smaller); then
+    averaged over the E(E-1)/2 pairs. A pair with no shared turn contributes zero.
     """
+    if reduction not in ("batchmean", "mean"):
+        raise ValueError(f"Unknown KL reduction {reduction!r}; valid ones are batchmean, mean.")
     num_experts = expert_logits.shape[-2]
     if num_experts < 2:
         return expert_logits.sum() * 0.0
+    conversations = available.reshape(available.shape[0], -1).any(-1).sum().clamp(min=1)
     log_probs = F.log_softmax(expert_logits.float(), dim=-1)
     probs = log_probs.exp()
     total = expert_logits.sum() * 0.0
@@ -232,7 +238,7 @@ def symmetric_kl_loss(expert_logits, available):
                 continue
             kl = (probs[..., i, :] * (log_probs[..., i, :] - log_probs[..., j, :])).sum(-1)
             kl = kl + (probs[..., j, :] * (log_probs[..., j, :] - log_probs[..., i, :])).sum(-1)
-            total = total + kl[both].mean()
+            total = total + (kl[both].sum() / conversations if reduction == "batchmean" else kl[both].mean())
     return total / num_pairs
 
 
@@ -277,7 +283,7 @@ class MeritsTextEncoder(nn.Module):
         hidden_size = config.text_config.get_text_config().hidden_size
         self.layer_norm = nn.LayerNorm(hidden_size) if config.text_layer_norm else None
         self.pooler = (
-            MeritsAttentiveStatisticsPooling(hidden_size, config.attentive_pooling_hidden_size)
+            MeritsAttentiveStatisticsPooling(hidden_size, config.attentive_pooling_hidden_size or hidden_size)
             if config.text_pooling == "attentive_stats"
             else None
         )
@@ -302,9 +308,13 @@ class MeritsTextEncoder(nn.Module):
             pooled = (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         else:
             pooled = self.pooler(hidden_states, mask)
-        embeds = torch.relu(self.projection(pooled)) if self.projection is not None else pooled
-        logits = self.classifier(self.dropout(embeds))
-        return embeds, logits
+        if self.projection is None:
+            return pooled, self.classifier(self.dropout(pooled))
+        projected = self.projection(pooled)
+        activated = torch.relu(projected)
+        logits = self.classifier(self.dropout(activated))
+        # §4.2: the official code exports fc(feat), before the ReLU the classifier reads
+        return (projected if self.config.utterance_embed_before_activation else activated), logits
 
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
@@ -382,6 +392,11 @@ class MeritsSpeechEncoder(nn.Module):
             if config.speech_head_activation is not None:
                 layers.append(_ACTIVATIONS[config.speech_head_activation]())
             input_size = hidden_size
+        # with `utterance_embed_before_activation` the last activation moves out of the head: the embedding is the last
+        # Linear's output (the official MiSTER-E export), the classifier reads its activation (no parameter moves)
+        self.embed_activation = None
+        if config.utterance_embed_before_activation and config.speech_head_activation is not None:
+            self.embed_activation = layers.pop()
         self.head = nn.Sequential(*layers)  # [Dropout] -> Linear -> [act] (-> Dropout -> Linear -> [act])*; output = embedding
         self.dropout = MeritsDropout(config.speech_head_dropout)
         self.classifier = nn.Linear(input_size, config.num_labels)
@@ -439,7 +454,8 @@ class MeritsSpeechEncoder(nn.Module):
             if self.layer_weights is not None:
                 pooled = self.mix_layers(audio_features.transpose(0, 1))
         embeds = self.head(pooled)
-        logits = self.classifier(self.dropout(embeds))
+        hidden = self.embed_activation(embeds) if self.embed_activation is not None else embeds
+        logits = self.classifier(self.dropout(hidden))
         return embeds, logits
 
 
@@ -866,7 +882,12 @@ class MeritsContextEncoder(nn.Module):
 
 class MeritsAttention(nn.Module):
     """Multi-head attention with q/k/v projections d -> `attention_size` (120), `num_heads` heads (3 x 40), attention
-    dropout, and an output projection `attention_size` -> d (the "Linear(t_x)" of §3.6)."""
+    dropout, and an output projection `attention_size` -> d (the "Linear(t_x)" of §3.6).
+
+    With `config.fusion_attention_inner_projections` (the official layout: Linear(d, 120) feeding an
+    `nn.MultiheadAttention(120, 3)`), the q/k/v projections are followed by the MHA's own in-projections
+    (`inner_query` / `inner_key` / `inner_value`, 120 -> 120) and the context goes through its out-projection
+    (`inner_output`, 120 -> 120) before `output`; they are initialised as `nn.MultiheadAttention` initialises them."""
 
     def __init__(self, config: MeritsConfig):
         super().__init__()
@@ -877,13 +898,28 @@ class MeritsAttention(nn.Module):
         self.key = nn.Linear(d, width)
         self.value = nn.Linear(d, width)
         self.output = nn.Linear(width, d)
+        self.inner_query = self.inner_key = self.inner_value = self.inner_output = None
+        if getattr(config, "fusion_attention_inner_projections", False):
+            self.inner_query, self.inner_key, self.inner_value = (nn.Linear(width, width) for _ in range(3))
+            self.inner_output = nn.Linear(width, width)
+            for layer in (self.inner_query, self.inner_key, self.inner_value):
+                layer._mha_projection = "in"
+            self.inner_output._mha_projection = "out"
         self.dropout = MeritsDropout(config.fusion_attention_dropout)
+
+    @staticmethod
+    def _inner(layer, x):
+        return x if layer is None else layer(x)
 
     def _heads(self, x):  # [B, T, width] -> [B, heads, T, head_dim]
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
+    def _out(self, context):
+        return self.output(self._inner(self.inner_output, context))
+
     def project_key_value(self, x):
-        return self._heads(self.key(x)), self._heads(self.value(x))
+        return (self._heads(self._inner(self.inner_key, self.key(x))),
+                self._heads(self._inner(self.inner_value, self.value(x))))
 
     def _context(self, queries, keys, values, allowed):
         """queries [B, Tq, width], keys/values [B, heads, Tk, head_dim], allowed [B, Tq, Tk] -> [B, Tq, width]."""
@@ -894,7 +930,7 @@ class MeritsAttention(nn.Module):
 
     def attend(self, query_input, keys, values, allowed):
         """query_input [B, Tq, d], keys/values [B, heads, Tk, head_dim], allowed [B, Tq, Tk] bool -> [B, Tq, d]."""
-        return self.output(self._context(self.query(query_input), keys, values, allowed))
+        return self._out(self._context(self._inner(self.inner_query, self.query(query_input)), keys, values, allowed))
 
     def _project(self, query_input, key_value_input):
         """(queries, keys, values), each [N, width]: the projections that share an input run as ONE matrix product
@@ -904,9 +940,11 @@ class MeritsAttention(nn.Module):
         weight = torch.cat([p.weight for p in projections])
         bias = torch.cat([p.bias for p in projections])
         outputs = F.linear(key_value_input, weight, bias).split(self.query.out_features, dim=-1)
-        if len(outputs) == 3:
-            return outputs
-        return (self.query(query_input), *outputs)
+        if len(outputs) == 2:
+            outputs = (self.query(query_input), *outputs)
+        if self.inner_query is not None:
+            outputs = tuple(layer(x) for layer, x in zip((self.inner_query, self.inner_key, self.inner_value), outputs))
+        return outputs
 
     def forward(self, query_input, key_value_input, allowed, plan):
         """The real rows [N, d] of a batch (`plan`, a `MeritsTurnPlan`) -> [N, d]: the projections run on the N real
@@ -914,7 +952,7 @@ class MeritsAttention(nn.Module):
         queries, keys, values = self._project(query_input, key_value_input)
         context = self._context(plan.scatter(queries), self._heads(plan.scatter(keys)), self._heads(plan.scatter(values)),
                                 allowed)
-        return self.output(plan.gather(context))
+        return self._out(plan.gather(context))
 
 
 class MeritsCoAttentionBlock(nn.Module):
@@ -1161,6 +1199,14 @@ class MeritsPreTrainedModel(PreTrainedModel):
             init.zeros_(module.layer_weights)
         if getattr(module, "_conversation_level", False) and getattr(self.config, "conversation_init", "pytorch") == "pytorch":
             _pytorch_default_init(module)
+            projection = getattr(module, "_mha_projection", None)
+            if projection == "in":  # nn.MultiheadAttention: Xavier-uniform over the stacked [3E, E] in_proj, zero bias
+                width = module.weight.shape[1]
+                bound = math.sqrt(6.0 / (width + 3 * width))
+                init.uniform_(module.weight, -bound, bound)
+                init.zeros_(module.bias)
+            elif projection == "out":  # out_proj: nn.Linear's own weight init, zero bias
+                init.zeros_(module.bias)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1563,6 +1609,11 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
         # a turn lacking one modality falls back to the other modality's context logits
         logits = torch.where(both.unsqueeze(-1), fusion_logits, context_logits)
         if labels is not None:
+            if stage == "context+fusion" and not self.config.joint_context_losses:
+                # the paper merges stages II and III into one end-to-end stage: the loss of its final output (fusion
+                # where a turn has both modalities, the context fallback where it has one)
+                terms["joint"] = self._classification_loss(logits, labels, turn_mask, stage)
+                return logits, terms["joint"]
             terms["fusion"] = self._classification_loss(fusion_logits, labels, both, stage)
             if stage == "context+fusion":
                 terms["context_text"] = self._classification_loss(ctx_text, labels, text_mask, stage)
@@ -1622,7 +1673,7 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
                 )
                 loss = loss + self.config.supcon_weight * terms["supcon"]
             if len(experts) > 1:
-                terms["kl"] = symmetric_kl_loss(stacked, available)
+                terms["kl"] = symmetric_kl_loss(stacked, available, self.config.kl_reduction)
                 loss = loss + self.config.kl_weight * terms["kl"]
         return mixture, loss
 

@@ -19,7 +19,14 @@ function                    corpus
 
 from .audio import AudioError, load_audio
 from .cache import build_embedding_cache, embedding_cache_fingerprint
-from .collate import ConversationCollator, ConversationDataset, FeatureCollator, conversation_indices, conversations
+from .collate import (
+    ConversationCollator,
+    ConversationDataset,
+    FeatureCollator,
+    RandomAudioCrop,
+    conversation_indices,
+    conversations,
+)
 from .demo import bayes_optimal_accuracy, bayes_optimal_table, make_demo_corpus, train_demo_tokenizer
 from .folder import leave_speaker_out_folds, load_emodb, load_folder
 from .iemocap import load_iemocap
@@ -34,6 +41,7 @@ __all__ = [
     "ConversationDataset",
     "DataFormatError",
     "FeatureCollator",
+    "RandomAudioCrop",
     "LoadReport",
     "bayes_optimal_accuracy",
     "bayes_optimal_table",

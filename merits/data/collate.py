@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .audio import load_audio
+from .audio import SILENCE_PEAK, load_audio
 from .schema import UNLABELLED, DataFormatError
 
 IGNORE_INDEX = -100
@@ -250,3 +250,49 @@ def _audio_name(audio) -> str:
     if isinstance(audio, dict):
         return audio.get("path") or "in-memory audio"
     return str(audio) if isinstance(audio, str) else "in-memory audio"
+
+
+class RandomAudioCrop(torch.utils.data.Dataset):
+    """Training items (conversations of schema rows) whose audio is cut to a random ``seconds``-long window.
+
+    MiSTER-E trains its speech encoder on random 5 s crops (papers.md §4.2; CARE pre-trains on 5 s crops too, §2.2);
+    features for the later stages are still extracted from the whole utterance. A turn of at most ``seconds`` is kept
+    whole (the official code pads it to 5 s with 1e-6; here the speech backbone's attention mask covers the padding).
+    The window of item ``i`` in epoch ``e`` comes from ``numpy.random.default_rng([seed, e, i])``: random from epoch to
+    epoch, and the same in a run resumed mid-epoch as in an unbroken one (the trainer calls :meth:`set_epoch`). The
+    audio is decoded here (16 kHz) and handed on as an array, so the collator does not decode it again.
+    """
+
+    def __init__(self, items, seconds: float, seed: int = 0, sampling_rate: int = 16000):
+        if seconds is None or seconds <= 0:
+            raise ValueError(f"RandomAudioCrop: seconds must be positive, got {seconds}")
+        self.items = items
+        self.samples = int(round(seconds * sampling_rate))
+        self.seed = int(seed)
+        self.sampling_rate = sampling_rate
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> list[dict]:
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        cropped = []
+        for t, row in enumerate(self.items[index]):
+            audio = row.get("audio")
+            if audio is not None:
+                where = f"conversation {row.get('dialogue_id', index)!r}, turn {row.get('turn', t)} ({_audio_name(audio)})"
+                array = load_audio(audio, sampling_rate=self.sampling_rate, source=where)
+                if len(array) > self.samples:
+                    for _ in range(4):  # a silent window would be refused by the collator: draw again, else keep all
+                        start = int(rng.integers(0, len(array) - self.samples + 1))
+                        window = array[start : start + self.samples]
+                        if np.abs(window).max() >= SILENCE_PEAK:
+                            array = window
+                            break
+                row = {**row, "audio": {"path": None, "array": array, "sampling_rate": self.sampling_rate}}
+            cropped.append(row)
+        return cropped

@@ -7,10 +7,15 @@ args = parse_args(["--config", "configs/meld_merits-l.yaml", "--context.learning
 ```
 
 A YAML file holds the same keys as :class:`TrainingArguments`; the per-stage settings are nested
-mappings (``utterance:``, ``context:``, ``fusion:``, ``moe:``, ``pretrain:``) of
+mappings (``utterance:``, ``speech_head:``, ``context:``, ``fusion:``, ``moe:``, ``pretrain:``) of
 :class:`StageArguments`. On the command line a nested key is written with a dot
 (``--utterance.num_epochs 3``). Values are converted to the field's type, so ``1e-4`` is a float even
 though YAML 1.1 reads it as a string. Unknown keys are refused with the file (or flag) that holds them.
+
+A YAML file may start from another one: ``inherit: ../meld_mister-e.yaml`` (a path relative to the
+inheriting file) reads that file first (itself possibly inheriting), then this file's keys on top; mappings
+(``model:``, ``dataset_options:``, the stage settings, a per-system ``model: {mister-e: ...}``) merge key by key, any
+other value (lists included) replaces the inherited one (``configs/ablations/`` is built this way).
 
 Relative paths in a YAML file are relative to the repository root (the folder holding ``train.py``):
 ``data_dir: ../shared/data/meld`` works from any working directory. The environment variable
@@ -139,6 +144,15 @@ class TrainingArguments:
     audio_model_name_or_path: Optional[str] = None  # pretrained frozen speech backbone (e.g. a WavLM/CARE folder)
     audio_config: Optional[dict] = None  # speech backbone config (random init; tests)
     audio_features: Optional[str] = "acoustic"  # "acoustic": speech head on MeritsAcousticFeatureExtractor statistics
+    # stage I with a speech backbone on waveforms: train on a random window of this many seconds of each utterance
+    # (MiSTER-E's speech encoder: 5 s, papers.md §4.2); None = whole utterances. Never applied to evaluation or to the
+    # embeddings of the later stages; not to precomputed acoustic statistics (they are computed once per utterance)
+    audio_train_crop_seconds: Optional[float] = None
+    # stage I trains the text encoder and the speech head as separate models (papers: RoBERTa-FT vs the CARE head;
+    # the two MiSTER-E LLMs): the speech head's own optimiser group (`speech_head:` learning rate, weight decay, betas,
+    # eps, warm-up, gradient clipping) instead of the text encoder's `utterance:` settings. Batches and epochs stay
+    # shared (one pass over the utterances; each head keeps its own best epoch). A speech-only stage I uses `utterance:`
+    separate_speech_head_optimizer: bool = True
 
     # --- leave-one-speaker-out model selection (corpora with no validation split, e.g. EmoDB) ---
     speaker_folds: bool = False  # stage I speech head: every speaker held out once (test), the next one validates
@@ -149,7 +163,13 @@ class TrainingArguments:
     pretrain: StageArguments = field(
         default_factory=lambda: _stage(num_epochs=10, learning_rate=2e-5, warmup_ratio=0.1, group_by_length=False)
     )
-    utterance: StageArguments = field(default_factory=lambda: _stage(group_by_length=False))
+    # the official utterance-encoder code (CARE head, MiSTER-E LLMs) does not clip gradients
+    utterance: StageArguments = field(default_factory=lambda: _stage(group_by_length=False, max_grad_norm=None))
+    # the speech head's optimiser group in stage I (separate_speech_head_optimizer): the CARE head, Adam lr 1e-4 (§2.3)
+    speech_head: StageArguments = field(
+        default_factory=lambda: _stage(learning_rate=1e-4, optimizer="adam", weight_decay=0.0, max_grad_norm=None,
+                                       group_by_length=False)
+    )
     context: StageArguments = field(default_factory=StageArguments)
     fusion: StageArguments = field(default_factory=StageArguments)
     moe: StageArguments = field(
@@ -215,7 +235,16 @@ class TrainingArguments:
             raise ConfigError(f"{where}: torch_num_threads must be positive, got {self.torch_num_threads}")
         if self.checkpointing_steps <= 0:
             raise ConfigError(f"{where}: checkpointing_steps must be positive")
-        for name in ("pretrain", "utterance", "context", "fusion", "moe"):
+        if self.audio_train_crop_seconds is not None and self.audio_train_crop_seconds <= 0:
+            raise ConfigError(f"{where}: audio_train_crop_seconds must be positive (or null), got {self.audio_train_crop_seconds}")
+        head, text = self.speech_head, self.utterance
+        if head.optimizer != text.optimizer and head.weight_decay > 0 and text.weight_decay > 0:
+            raise ConfigError(
+                f"{where}: speech_head.optimizer {head.optimizer!r} differs from utterance.optimizer {text.optimizer!r} "
+                "with weight decay in both: the two groups share one optimiser (Adam and AdamW agree only without "
+                "weight decay); make them equal or set one weight_decay to 0"
+            )
+        for name in ("pretrain", "utterance", "speech_head", "context", "fusion", "moe"):
             stage = getattr(self, name)
             if stage.batch_size <= 0 or stage.num_epochs <= 0 or stage.gradient_accumulation_steps <= 0:
                 raise ConfigError(f"{where}: {name}: batch_size, num_epochs and gradient_accumulation_steps must be positive")
@@ -361,17 +390,41 @@ def _apply(args: TrainingArguments, key: str, value: Any, source: str, base: Pat
     setattr(args, head, value)
 
 
-def load_yaml(path: str | os.PathLike) -> dict:
+INHERIT_KEY = "inherit"
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """``override`` on top of ``base``: mappings merge recursively, anything else replaces."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_yaml(path: str | os.PathLike, _chain: tuple = ()) -> dict:
+    """The options of a YAML file, with its ``inherit:`` chain resolved (see the module docstring)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: configuration file not found")
+        where = f" (inherited by {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"{path}: configuration file not found{where}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of options at the top level")
-    return data
+    parent = data.pop(INHERIT_KEY, None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: {INHERIT_KEY} must be the path of one YAML file, got {parent!r}")
+    parent_path = (path.parent / parent).resolve()
+    if parent_path in _chain or parent_path == path.resolve():
+        raise ConfigError(f"{path}: {INHERIT_KEY} {parent} makes a cycle ({' -> '.join(str(p) for p in _chain + (parent_path,))})")
+    return _merge(load_yaml(parent_path, _chain + (path.resolve(),)), data)
 
 
 def parse_cli(argv: list[str]) -> list[tuple[str, Any]]:
@@ -436,5 +489,6 @@ def usage() -> str:
         "usage: train.py [--config FILE] [--KEY VALUE ...]\n"
         "  With no arguments: configs/demo.yaml (both systems on the built-in demo corpus).\n"
         "  Options: " + ", ".join(names) + "\n"
-        "  Stage options (--<stage>.<option>, stage in pretrain/utterance/context/fusion/moe): " + ", ".join(stage_names)
+        "  Stage options (--<stage>.<option>, stage in pretrain/utterance/speech_head/context/fusion/moe): "
+        + ", ".join(stage_names)
     )

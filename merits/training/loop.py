@@ -80,6 +80,10 @@ class StagePlan:
     label_names: list = field(default_factory=list)
     # called with the model right after `model.freeze_for_stage(stage)`, to freeze more (LoRA: the backbone's own weights)
     after_freeze: Callable | None = None
+    # model -> [(parameters, StageArguments), ...]: optimiser groups with their own learning rate, weight decay,
+    # betas, eps, warm-up and gradient clipping (stage I: the text encoder and the speech head as separate models);
+    # None = one group with `arguments`
+    param_groups: Callable | None = None
 
 
 class EpochShuffleSampler(Sampler):
@@ -194,7 +198,7 @@ def training_sampler(plan: "StagePlan", seed: int, per_device: int, processes: i
     """
     if plan.arguments.group_by_length:
         update_batch = per_device * processes * plan.arguments.gradient_accumulation_steps
-        return LengthGroupedSampler(item_lengths(plan.train), update_batch, seed)
+        return LengthGroupedSampler(item_lengths(getattr(plan.train, "items", plan.train)), update_batch, seed)
     return EpochShuffleSampler(len(plan.train), seed)
 
 
@@ -206,18 +210,35 @@ def _logits(output, spec: str) -> torch.Tensor | None:
     return getattr(output, spec, None)
 
 
-def build_optimizer(params, arguments: StageArguments) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+def _group_options(arguments: StageArguments) -> dict:
+    return dict(lr=arguments.learning_rate, betas=(arguments.adam_beta1, arguments.adam_beta2), eps=arguments.adam_epsilon,
+                weight_decay=arguments.weight_decay)
+
+
+def build_optimizer(params, arguments: StageArguments, groups=None) -> torch.optim.Optimizer:
+    """Adam/AdamW over the trainable ``params`` with ``arguments``; or, with ``groups`` (``[(params, StageArguments)]``),
+    one parameter group per entry with its own settings. The groups share one optimiser class: the one of the groups
+    with weight decay (Adam and AdamW differ only there), else ``arguments.optimizer``."""
+    if groups is None:
+        groups = [(params, arguments)]
+    param_groups = []
+    for group_params, group_arguments in groups:
+        group_params = [p for p in group_params if p.requires_grad]
+        if group_params:
+            param_groups.append({"params": group_params, **_group_options(group_arguments)})
+    params = [p for group in param_groups for p in group["params"]]
     if not params:
         raise RuntimeError("the stage has no trainable parameter (check freeze_for_stage and the modalities)")
-    optimizer_class = torch.optim.Adam if arguments.optimizer == "adam" else torch.optim.AdamW
-    kwargs = dict(lr=arguments.learning_rate, betas=(arguments.adam_beta1, arguments.adam_beta2), eps=arguments.adam_epsilon,
-                  weight_decay=arguments.weight_decay)
+    decaying = {a.optimizer for _, a in groups if a.weight_decay > 0}
+    if len(decaying) > 1:
+        raise ValueError(f"optimiser groups with weight decay need one optimizer class, got {sorted(decaying)}")
+    kind = decaying.pop() if decaying else arguments.optimizer
+    optimizer_class = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
     # fused: one kernel per parameter for the whole update (on a CPU ~5x faster than foreach, which is ~5x faster than
     # the per-tensor loop: the step over MiSTER-E's 88.7 M parameters was ~10 % of a training step); same update rule
     if _fused_supported(params):
-        return optimizer_class(params, fused=True, **kwargs)
-    return optimizer_class(params, foreach=True, **kwargs)
+        return optimizer_class(param_groups, fused=True)
+    return optimizer_class(param_groups, foreach=True)
 
 
 def _fused_supported(params) -> bool:
@@ -225,18 +246,25 @@ def _fused_supported(params) -> bool:
     return all(p.is_floating_point() and p.device.type in ("cpu", "cuda", "xpu", "mps") for p in params)
 
 
-def build_scheduler(optimizer, arguments: StageArguments, total_steps: int):
-    """Constant learning rate (the papers), or linear warm-up then linear decay when ``warmup_ratio > 0``."""
+def _lr_factor(arguments: StageArguments, total_steps: int):
     warmup = int(math.ceil(arguments.warmup_ratio * total_steps))
     if warmup <= 0:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        return lambda step: 1.0
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
+
+
+def build_scheduler(optimizer, arguments: StageArguments, total_steps: int, group_arguments=None):
+    """Constant learning rate (the papers), or linear warm-up then linear decay when ``warmup_ratio > 0``; with
+    ``group_arguments`` (one StageArguments per optimiser group) each group follows its own ``warmup_ratio``."""
+    if group_arguments is None or len(group_arguments) == 1:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(arguments, total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [_lr_factor(a, total_steps) for a in group_arguments])
 
 
 def module_state(model: torch.nn.Module, modules: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -379,8 +407,16 @@ def run_stage(model: torch.nn.Module, plan: StagePlan, run_args, run_dir: Path, 
 
     updates_per_epoch = math.ceil(math.ceil(len(plan.train) / (per_device * processes)) / arguments.gradient_accumulation_steps)
     total_updates = updates_per_epoch * arguments.num_epochs
-    optimizer = build_optimizer(model.parameters(), arguments)
-    scheduler = build_scheduler(optimizer, arguments, total_updates)
+    groups = plan.param_groups(model) if plan.param_groups is not None else None
+    if groups:
+        groups = [(list(p), a) for p, a in groups]
+        groups = [(p, a) for p, a in groups if any(x.requires_grad for x in p)] or None
+    optimizer = build_optimizer(model.parameters(), arguments, groups)
+    group_arguments = [a for _, a in groups] if groups else None
+    scheduler = build_scheduler(optimizer, arguments, total_updates, group_arguments)
+    # gradient clipping per optimiser group, each at its own max_grad_norm (None: no clipping)
+    clip_groups = ([(group["params"], a.max_grad_norm) for group, a in zip(optimizer.param_groups, group_arguments)]
+                   if group_arguments else [(None, arguments.max_grad_norm)])
 
     wrapped, optimizer, train_loader, validation_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, validation_loader, scheduler
@@ -407,6 +443,8 @@ def run_stage(model: torch.nn.Module, plan: StagePlan, run_args, run_dir: Path, 
     stop = False
     while state.epoch < arguments.num_epochs and not stop:
         train_loader.set_epoch(state.epoch)
+        if hasattr(plan.train, "set_epoch"):  # e.g. merits.data.RandomAudioCrop: this epoch's random windows
+            plan.train.set_epoch(state.epoch)
         loader = train_loader
         if state.step_in_epoch > 0:
             loader = accelerator.skip_first_batches(train_loader, state.step_in_epoch)
@@ -422,8 +460,11 @@ def run_stage(model: torch.nn.Module, plan: StagePlan, run_args, run_dir: Path, 
                         "rate or check the inputs for NaN/inf"
                     )
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and arguments.max_grad_norm:
-                    accelerator.clip_grad_norm_(wrapped.parameters(), arguments.max_grad_norm)
+                if accelerator.sync_gradients:
+                    for clip_params, max_norm in clip_groups:
+                        if max_norm:
+                            accelerator.clip_grad_norm_(wrapped.parameters() if clip_params is None else clip_params,
+                                                        max_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()

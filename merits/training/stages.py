@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.collate import ConversationCollator, FeatureCollator, conversation_indices, conversations
+from ..data.collate import ConversationCollator, FeatureCollator, RandomAudioCrop, conversation_indices, conversations
 from ..data.schema import DataFormatError
 from .arguments import TrainingArguments
 from .checkpointing import prepare_output_dir
@@ -558,6 +558,25 @@ def merge_lora(model):
 # ----------------------------------------------------------------------------------------------
 # Stage plans
 # ----------------------------------------------------------------------------------------------
+def stage1_param_groups(args: TrainingArguments):
+    """Stage I optimiser groups (``separate_speech_head_optimizer``): the speech head (everything of
+    ``model.speech_encoder`` that trains) with ``speech_head:`` settings, the rest (text encoder, LoRA) with
+    ``utterance:`` settings, as if the papers' separately trained models shared one data pass. None (one group) when
+    the switch is off or when stage I trains only one of the two."""
+    if not args.separate_speech_head_optimizer:
+        return None
+
+    def groups(model):
+        speech = [p for p in (model.speech_encoder.parameters() if model.speech_encoder is not None else []) if p.requires_grad]
+        speech_ids = {id(p) for p in speech}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in speech_ids]
+        if not speech or not rest:
+            return None
+        return [(rest, args.utterance), (speech, args.speech_head)]
+
+    return groups
+
+
 def heads_for(stage: str, architecture: str, use_text: bool, use_audio: bool, experts=None) -> list[Head]:
     """The heads scored on validation in ``stage``; ``experts`` (mister-e ``config.experts``) limits the MoE's."""
     heads: list[Head] = []
@@ -704,9 +723,13 @@ def run_system(args: TrainingArguments, architecture: str, run_dir: Path, corpus
             if lora:
                 apply_lora(model, args)
             items = {split: utterance_items(dataset, columns) for split, dataset in corpus.splits.items()}
-            plan = StagePlan(model_stage, tag, heads, items["train"], items["validation"], items.get("test"),
+            train_items = items["train"]
+            if args.audio_train_crop_seconds and use_audio and isinstance(stage1_collator, ConversationCollator):
+                train_items = RandomAudioCrop(train_items, args.audio_train_crop_seconds, seed=args.seed)
+            plan = StagePlan(model_stage, tag, heads, train_items, items["validation"], items.get("test"),
                              stage1_collator, args.stage_arguments(stage), label_names,
-                             after_freeze=freeze_lora_base if lora else None)
+                             after_freeze=freeze_lora_base if lora else None,
+                             param_groups=stage1_param_groups(args) if stage == "utterance" else None)
             stage_results, stage_predictions = run_stage(model, plan, args, run_dir)
             if lora:
                 merge_lora(model)
