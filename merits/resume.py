@@ -35,9 +35,14 @@ class ResumeMismatch(ValueError):
     """Earlier output belongs to other inputs or settings; the message names what changed."""
 
 
-def _file_digest(path: Path, digest) -> None:
+#: Inside a folder, files up to this size are fingerprinted by content (the CSV / JSON / label files that say what
+#: a corpus is); larger ones (audio, arrow shards) by size and modification time.
+FOLDER_CONTENT_HASH_LIMIT = 4 * 1024 * 1024
+
+
+def _file_digest(path: Path, digest, limit: int = CONTENT_HASH_LIMIT) -> None:
     stat = path.stat()
-    if stat.st_size <= CONTENT_HASH_LIMIT:
+    if stat.st_size <= limit:
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
@@ -45,10 +50,13 @@ def _file_digest(path: Path, digest) -> None:
         digest.update(f"size={stat.st_size};mtime_ns={stat.st_mtime_ns}".encode())
 
 
-def fingerprint_path(path: str | os.PathLike, exclude: Iterable[str] = ()) -> str:
-    """A short hex fingerprint of a file (content) or folder (names + contents of its files, recursively).
+def fingerprint_path(path: str | os.PathLike, exclude: Iterable[str] = (), content_limit: int | None = None) -> str:
+    """A short hex fingerprint of a file (content) or folder (names + contents of its files, recursively; files over
+    :data:`FOLDER_CONTENT_HASH_LIMIT` by size and modification time).
 
     ``exclude``: top-level names inside a folder to leave out (e.g. the job's own output inside it).
+    ``content_limit``: inside a folder, hash files up to this size by content (default
+    :data:`FOLDER_CONTENT_HASH_LIMIT`; 0: every file by size and modification time).
     A missing path has the fingerprint ``"missing"``.
     """
     path = Path(path)
@@ -62,7 +70,7 @@ def fingerprint_path(path: str | os.PathLike, exclude: Iterable[str] = ()) -> st
             if relative.parts[0] in skip:
                 continue
             digest.update(relative.as_posix().encode() + b"\0")
-            _file_digest(child, digest)
+            _file_digest(child, digest, FOLDER_CONTENT_HASH_LIMIT if content_limit is None else content_limit)
             digest.update(b"\0")
     else:
         return "missing"
