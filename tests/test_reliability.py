@@ -80,7 +80,7 @@ def test_manifest_refuses_naming_every_change_or_redoes(tmp_path):
     manifest = tmp_path / "m.json"
     assert check_manifest(manifest, "job", {"input": "aaa"}, {"lr": 1}, has_output=False) is False
     assert check_manifest(manifest, "job", {"input": "aaa"}, {"lr": 1}, has_output=True) is True
-    with pytest.raises(ResumeMismatch, match=r"input input changed since the earlier run; lr: 1 then, 2 now; start over"):
+    with pytest.raises(ResumeMismatch, match=r"input input changed since the earlier run; lr: 1 then, 2 now\); start over"):
         check_manifest(manifest, "job", {"input": "bbb"}, {"lr": 2}, has_output=True, restart_hint="start over")
     assert check_manifest(manifest, "job", {"input": "bbb"}, {"lr": 2}, has_output=True, on_mismatch="redo") is False
     assert json.loads(manifest.read_text())["inputs"] == {"input": "bbb"}  # rewritten for the redone output
@@ -115,7 +115,7 @@ def test_predict_non_utf8_line_is_named(tmp_path, text_model, capsys):
     source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     source.write_bytes(b'[{"text": "hello"}]\n[{"text": "caf\xe9"}]\n')
     assert predict(text_model, source, out) == 1
-    assert f"{source} line 2: not UTF-8 text (byte 14 of the line)" in capsys.readouterr().err
+    assert f"{source} line 2: not UTF-8 text (byte 15 of the line)" in capsys.readouterr().err
     assert [r["line"] for r in records(out)] == [1]
 
 
@@ -562,7 +562,7 @@ def test_embedding_cache_resumed_with_another_chunking_recomputes(tmp_path, capl
     from merits.data.demo import make_demo_corpus, train_demo_tokenizer
 
     corpus = make_demo_corpus(num_dialogues=3, seed=1)["train"]
-    processor = MeritsProcessor(tokenizer=train_demo_tokenizer({"train": corpus}))
+    processor = MeritsProcessor(tokenizer=train_demo_tokenizer(corpus))
     torch.manual_seed(0)
     tokenizer = processor.tokenizer
     model = MeritsForConversationClassification(tiny_merits_config(
