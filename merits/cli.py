@@ -2,7 +2,7 @@
 """The ``merits`` command: prediction and evaluation with a trained model folder.
 
 ```
-merits predict  --model DIR INPUT.jsonl -o OUT.jsonl [--batch-size 8] [--asr-model NAME] [--bf16]
+merits predict  --model DIR INPUT.jsonl -o OUT.jsonl [--batch-size 8] [--asr-model NAME] [--bf16] [--overwrite]
 merits evaluate --model DIR --dataset {meld,mosi,iemocap,emodb,features} --file PATH [--split test]
 ```
 
@@ -10,7 +10,12 @@ merits evaluate --model DIR --dataset {meld,mosi,iemocap,emodb,features} --file 
 ``turns`` list (its other keys, e.g. ``id``, are copied to the output). A turn is
 ``{"text": ..., "audio": "path.wav"}`` (relative audio paths are resolved against the input
 file's folder). Each output line is ``{"line": N, ..., "predictions": [one dict per turn]}``.
-Output is flushed batch by batch; rerunning the same command skips the lines already written.
+Output is flushed batch by batch; rerunning the same command skips the lines already written, after checking
+(``OUT.resume.json``, :mod:`merits.resume`) that the model, the settings and every input line already predicted are
+unchanged (``--overwrite`` starts again). A bad line (not JSON, not UTF-8, a bad turn) does not stop the others: it is
+named on stderr (``IN line 2, turn 3: ...``, lines and turns counted from 1), left out, and the exit status is 1; a
+rerun tries it again; ``--skip-errors`` records it as ``{"line": N, "error": ...}`` and exits 0. See
+docs/reliability.md.
 
 ``evaluate`` loads a labelled file with the loaders of :mod:`merits.data`, maps its label names
 through the model's ``label2id`` and prints ONE JSON object with ``weighted_f1`` and ``accuracy``
