@@ -301,6 +301,8 @@ def _embedding_matrix(dataset, column: str, source: str) -> tuple[np.ndarray, np
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from ..processing_merits import first_non_finite
+
     table = dataset.data.table if dataset._indices is None else dataset.flatten_indices().data.table
     array = table.column(column).combine_chunks()
     if not pa.types.is_list(array.type) and not pa.types.is_large_list(array.type) and not pa.types.is_fixed_size_list(array.type):
@@ -322,9 +324,9 @@ def _embedding_matrix(dataset, column: str, source: str) -> tuple[np.ndarray, np
         raise DataError(f"{where(int(differing[0]))}: {column} has {lengths[differing[0]]} values, earlier rows have {dim}")
     values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.float32)
     parents = pc.list_parent_indices(array).to_numpy(zero_copy_only=False)
-    bad = ~np.isfinite(values)
-    if bad.any():
-        raise DataError(f"{where(int(parents[np.argmax(bad)]))}: {column} holds NaN or inf")
+    bad = first_non_finite(values)  # the project's one finiteness check (merits.processing_merits)
+    if bad is not None:
+        raise DataError(f"{where(int(parents[bad]))}: {column} holds NaN or inf")
     matrix = np.zeros((len(dataset), dim), np.float32)
     matrix[present] = values.reshape(-1, dim)
     return matrix, present
