@@ -99,7 +99,9 @@ def check_run_metadata(path: str | os.PathLike, metadata: dict[str, Any], overwr
     if overwrite:
         path.unlink(missing_ok=True)
     try:
+        # the settings are also kept at the top level of run.json (readers of the earlier flat format)
         check_manifest(path, "label_with_llm.py", inputs or {}, metadata, has_output=path.exists(),
-                       what=str(path.parent.parent), restart_hint="use another --out, or --overwrite to start again")
+                       what=str(path.parent.parent), restart_hint="use another --out, or --overwrite to start again",
+                       extra=dict(metadata))
     except ResumeMismatch as error:
         raise JournalError(str(error)) from None
