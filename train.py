@@ -10,6 +10,7 @@ Options: any key of merits/training/arguments.py as ``--key value`` (stage setti
 ``--utterance.learning_rate 1e-5``); ``--resume`` continues a killed run.
 """
 
+import errno
 import sys
 
 from merits.training import main
@@ -26,4 +27,14 @@ if __name__ == "__main__":
         sys.exit(0)
     except (ConfigError, OutputDirError, DataError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("train.py: stopped; rerun the same command with --resume to continue from the last checkpoint",
+              file=sys.stderr)
+        sys.exit(130)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        print(f"train.py: error: no space left on the device ({error.filename or error}); free some space and rerun "
+              "the same command with --resume (finished checkpoints are kept)", file=sys.stderr)
         sys.exit(2)

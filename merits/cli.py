@@ -2,7 +2,7 @@
 """The ``merits`` command: prediction and evaluation with a trained model folder.
 
 ```
-merits predict  --model DIR INPUT.jsonl -o OUT.jsonl [--batch-size 8] [--asr-model NAME] [--bf16]
+merits predict  --model DIR INPUT.jsonl -o OUT.jsonl [--batch-size 8] [--asr-model NAME] [--bf16] [--overwrite]
 merits evaluate --model DIR --dataset {meld,mosi,iemocap,emodb,features} --file PATH [--split test]
                 [--drop-modality speech|text [--drop-probability P] [--drop-mode mask|zero]]
 ```
@@ -11,7 +11,12 @@ merits evaluate --model DIR --dataset {meld,mosi,iemocap,emodb,features} --file 
 ``turns`` list (its other keys, e.g. ``id``, are copied to the output). A turn is
 ``{"text": ..., "audio": "path.wav"}`` (relative audio paths are resolved against the input
 file's folder). Each output line is ``{"line": N, ..., "predictions": [one dict per turn]}``.
-Output is flushed batch by batch; rerunning the same command skips the lines already written.
+Output is flushed batch by batch; rerunning the same command skips the lines already written, after checking
+(``OUT.resume.json``, :mod:`merits.resume`) that the model, the settings and every input line already predicted are
+unchanged (``--overwrite`` starts again). A bad line (not JSON, not UTF-8, a bad turn) does not stop the others: it is
+named on stderr (``IN line 2, turn 3: ...``, lines and turns counted from 1), left out, and the exit status is 1; a
+rerun tries it again; ``--skip-errors`` records it as ``{"line": N, "error": ...}`` and exits 0. See
+docs/reliability.md.
 
 ``evaluate`` loads a labelled file with the loaders of :mod:`merits.data`, maps its label names
 through the model's ``label2id`` and prints ONE JSON object with ``weighted_f1`` and ``accuracy``
@@ -21,6 +26,7 @@ through the model's ``label2id`` and prints ONE JSON object with ``weighted_f1``
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -40,8 +46,11 @@ class CliError(Exception):
 # ----------------------------------------------------------------------------------------------
 
 
-def load_model_and_processor(model_dir: str, dtype: str | None = None):
-    """``(model, processor or None)`` from a folder written by ``save_pretrained`` / ``train.py``."""
+def load_model_and_processor(model_dir: str, dtype: str | None = None, trust_remote_code: bool | None = None):
+    """``(model, processor or None)`` from a folder written by ``save_pretrained`` / ``train.py``.
+
+    Code named by the folder's tokenizer / feature extractor config runs only with ``trust_remote_code=True``
+    (``--trust-remote-code``)."""
     import torch
 
     from merits.modeling_merits import MeritsForConversationClassification
@@ -51,26 +60,48 @@ def load_model_and_processor(model_dir: str, dtype: str | None = None):
     if not (path / "config.json").is_file():
         raise CliError(f"--model {model_dir}: no config.json there; expected a folder written by train.py (OUT/best/).")
     kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
-    model = MeritsForConversationClassification.from_pretrained(str(path), **kwargs)
+    try:
+        model = MeritsForConversationClassification.from_pretrained(str(path), **kwargs)
+    except Exception as error:  # a truncated / corrupt weights file, an unreadable config: one clear line
+        weights = sorted(p.name for p in path.glob("*.safetensors")) or sorted(p.name for p in path.glob("*.bin"))
+        raise CliError(
+            f"--model {model_dir}: cannot load the model from {', '.join(weights) or 'this folder'} "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); the file may be truncated or "
+            "corrupt (an interrupted copy or download?): copy the model folder again."
+        ) from None
     model.eval()
     processor = None
     if (path / "processor_config.json").is_file():
-        processor = MeritsProcessor.from_pretrained(str(path))
+        try:
+            processor = MeritsProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        except ValueError as error:
+            if "trust_remote_code" in str(error):
+                raise CliError(
+                    f"--model {model_dir}: its tokenizer / feature extractor config names Python code in that folder; "
+                    "it is not run unless you pass --trust-remote-code (only for a folder you trust)."
+                ) from None
+            raise
     return model, processor
 
 
-def build_pipeline(model_dir: str, asr_model: str | None = None, bf16: bool = False, batch_size: int = 8):
+def build_pipeline(model_dir: str, asr_model: str | None = None, bf16: bool = False, batch_size: int = 8,
+                   trust_remote_code: bool | None = None):
     from merits.pipeline_merits import ConversationEmotionRecognitionPipeline
 
-    model, processor = load_model_and_processor(model_dir)
+    model, processor = load_model_and_processor(model_dir, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {"batch_size": batch_size}
     if asr_model:
         kwargs["asr_model"] = asr_model
     if bf16:
         kwargs["bf16"] = True
-    return ConversationEmotionRecognitionPipeline(
-        model=model, processor=processor, task="conversation-emotion-recognition", device=-1, **kwargs
+    classifier = ConversationEmotionRecognitionPipeline(
+        model=model, processor=processor, task="conversation-emotion-recognition", device=-1,
+        trust_remote_code=trust_remote_code, **kwargs
     )
+    # messages in the command's terms: the flag, and turns counted from 1 like the input's lines
+    classifier.asr_hint = "pass --asr-model NAME (a transformers ASR checkpoint, e.g. openai/whisper-small) to transcribe its audio"
+    classifier.describe_turn = lambda conversation, turn: f"turn {turn + 1}"
+    return classifier
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,35 +109,45 @@ def build_pipeline(model_dir: str, asr_model: str | None = None, bf16: bool = Fa
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_conversations(input_path: Path) -> Iterator[tuple[int, list, dict]]:
-    """``(line number, turns, other keys)`` for every non-blank line; audio paths made absolute."""
+def _read_conversations(input_path: Path) -> Iterator[tuple[int, list | None, dict, str | None]]:
+    """``(line number, turns, other keys, error)`` for every non-blank line; audio paths made absolute.
+
+    A line that is not a conversation yields ``(line, None, {}, message)``: it is reported, the others go on."""
     base = input_path.resolve().parent
-    with open(input_path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(input_path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                yield line_number, None, {}, f"not UTF-8 text (byte {error.start + 1} of the line)"
+                continue
             if not line.strip():
                 continue
-            where = f"{input_path} line {line_number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise CliError(f"{where}: not valid JSON ({error.msg} at column {error.colno}).") from None
+                yield line_number, None, {}, f"not valid JSON ({error.msg} at column {error.colno})"
+                continue
             if isinstance(record, dict):
                 if "turns" not in record:
-                    raise CliError(f"{where}: an object line needs a 'turns' list (got keys {sorted(record)}).")
+                    yield line_number, None, {}, f"an object line needs a 'turns' list (got keys {sorted(record)})"
+                    continue
                 turns, extra = record["turns"], {k: v for k, v in record.items() if k != "turns"}
             else:
                 turns, extra = record, {}
             if not isinstance(turns, list) or not all(isinstance(turn, dict) for turn in turns):
-                raise CliError(f"{where}: a conversation must be a list of turn objects.")
+                yield line_number, None, {}, "a conversation must be a list of turn objects"
+                continue
             if not turns:
-                raise CliError(f"{where}: the conversation is empty (no turns).")
+                yield line_number, None, {}, "the conversation is empty (no turns)"
+                continue
             for turn in turns:
                 audio = turn.get("audio")
                 if isinstance(audio, str) and not os.path.isabs(audio):
                     turn["audio"] = str(base / audio)
                 elif isinstance(audio, dict) and isinstance(audio.get("path"), str) and not os.path.isabs(audio["path"]):
                     turn["audio"] = {**audio, "path": str(base / audio["path"])}
-            yield line_number, turns, extra
+            yield line_number, turns, extra, None
 
 
 def _completed_lines(output_path: Path) -> list[int]:
@@ -119,7 +160,7 @@ def _completed_lines(output_path: Path) -> list[int]:
         with open(output_path, "r+b") as handle:
             handle.truncate(len(complete))
     done = []
-    for index, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
+    for index, line in enumerate(complete.decode("utf-8", errors="replace").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -132,62 +173,123 @@ def _completed_lines(output_path: Path) -> list[int]:
     return done
 
 
+def _line_fingerprints(input_path: Path) -> dict[str, str]:
+    """``{line number: sha256 of its bytes}`` of every non-blank line (what a resume compares)."""
+    import hashlib
+
+    with open(input_path, "rb") as handle:
+        return {str(number): hashlib.sha256(raw.rstrip(b"\r\n")).hexdigest()[:16]
+                for number, raw in enumerate(handle, start=1) if raw.strip()}
+
+
+def _line_error(input_path: Path, line_number: int, error: Exception | str) -> str:
+    message = str(error)
+    joiner = ", " if message.startswith("turn ") else ": "
+    return f"{input_path} line {line_number}{joiner}{message}"
+
+
 def predict(args) -> int:
     from tqdm.auto import tqdm
+
+    from merits.resume import check_manifest, fingerprint_path, read_manifest
 
     input_path, output_path = Path(args.input), Path(args.output)
     if not input_path.is_file():
         raise CliError(f"{input_path}: input file not found.")
+    if output_path.is_dir():
+        raise CliError(f"-o {output_path} is a folder; give the output file, e.g. -o {output_path / 'predictions.jsonl'}.")
+    manifest = output_path.with_name(output_path.name + ".resume.json")
+    if args.overwrite:
+        output_path.unlink(missing_ok=True)
+        manifest.unlink(missing_ok=True)
+    has_output = output_path.is_file() and output_path.stat().st_size > 0
+    lines = _line_fingerprints(input_path)
+    if has_output:
+        # every conversation already predicted must come from the same input line as then (lines may be added
+        # or fixed after the last written one; a bad line fixed and the command rerun is the usual case)
+        previous = read_manifest(manifest) or {}
+        old_lines = previous.get("lines", {})
+        changed = sorted(n for n in _completed_lines(output_path) if old_lines.get(str(n)) != lines.get(str(n)))
+        if changed and previous:
+            raise CliError(
+                f"cannot resume {output_path}: input line(s) {changed[:5]}{'...' if len(changed) > 5 else ''} of "
+                f"{input_path} changed since their predictions were written (the input was edited or replaced); pass "
+                f"--overwrite to start {output_path} again, or choose another -o."
+            )
+    # what the output is made from: a resumed run must have the same model and settings
+    check_manifest(
+        manifest, "merits predict",
+        inputs={"model": fingerprint_path(args.model)},
+        settings={"asr_model": args.asr_model, "bf16": bool(args.bf16)},
+        has_output=has_output,
+        what=str(output_path),
+        restart_hint=f"pass --overwrite to start {output_path} again, or choose another -o",
+        extra={"input": str(input_path.resolve()), "lines": lines},
+    )
     conversations = list(_read_conversations(input_path))
-    done = _completed_lines(output_path)
-    expected = [line for line, _, _ in conversations[: len(done)]]
-    if done != expected:
-        raise CliError(
-            f"{output_path} holds predictions for input lines {done[:5]}... that do not match the first lines of "
-            f"{input_path}; it was written for another input (remove it or choose another -o)."
-        )
-    todo = conversations[len(done) :]
-    if not todo:
-        print(f"merits predict: all {len(conversations)} conversations already in {output_path}", file=sys.stderr)
-        return 0
-    classifier = build_pipeline(args.model, asr_model=args.asr_model, bf16=args.bf16, batch_size=args.batch_size)
+    done = set(_completed_lines(output_path))
+    todo = [item for item in conversations if item[0] not in done]
+    errors: list[str] = []
+    written = 0
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    failures = 0
+    good = [item for item in todo if item[3] is None]
+    classifier = None
+    if good:
+        classifier = build_pipeline(args.model, asr_model=args.asr_model, bf16=args.bf16, batch_size=args.batch_size,
+                                    trust_remote_code=args.trust_remote_code)
     with open(output_path, "a", encoding="utf-8") as out, tqdm(
-        total=len(conversations), initial=len(done), unit="conv", desc="merits predict", disable=args.quiet
+        total=len(conversations), initial=len(conversations) - len(todo), unit="conv", desc="merits predict",
+        disable=args.quiet,
     ) as progress:
+
+        def write(line_number, extra, prediction=None, error=None):
+            nonlocal written
+            record = {"line": line_number, **extra}
+            if error is not None:
+                errors.append(error)
+                if not args.skip_errors:
+                    return
+                record["error"] = error
+            else:
+                record["predictions"] = prediction
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            written += 1
+
         for start in range(0, len(todo), args.batch_size):
             chunk = todo[start : start + args.batch_size]
-            try:
-                predictions = classifier([turns for _, turns, _ in chunk], batch_size=args.batch_size)
-            except (ValueError, TypeError, FileNotFoundError, RuntimeError):
-                # Find the line at fault so that the error names it.
-                predictions = []
-                for line_number, turns, _ in chunk:
-                    try:
-                        predictions.append(classifier(turns))
-                    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
-                        message = f"{input_path} line {line_number}: {error}"
-                        if not args.skip_errors:
-                            out.flush()
-                            raise CliError(message + " (rerun with --skip-errors to record it and go on)") from error
-                        predictions.append({"error": message})
-            for (line_number, _, extra), prediction in zip(chunk, predictions):
-                record = {"line": line_number, **extra}
-                if isinstance(prediction, dict) and "error" in prediction:
-                    record["error"] = prediction["error"]
-                    failures += 1
+            runnable = [item for item in chunk if item[3] is None]
+            predictions: dict[int, Any] = {}
+            if runnable:
+                try:
+                    outputs = classifier([turns for _, turns, _, _ in runnable], batch_size=args.batch_size)
+                    predictions = {line: output for (line, _, _, _), output in zip(runnable, outputs)}
+                except (ValueError, TypeError, FileNotFoundError, RuntimeError):
+                    # one line at a time, so that only the line at fault is left out and the error names it
+                    for line_number, turns, _, _ in runnable:
+                        try:
+                            predictions[line_number] = classifier(turns)
+                        except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
+                            predictions[line_number] = _line_error(input_path, line_number, error)
+            for line_number, _, extra, parse_error in chunk:
+                if parse_error is not None:
+                    write(line_number, extra, error=_line_error(input_path, line_number, parse_error))
+                elif isinstance(predictions[line_number], str):
+                    write(line_number, extra, error=predictions[line_number])
                 else:
-                    record["predictions"] = prediction
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    write(line_number, extra, prediction=predictions[line_number])
             out.flush()
             progress.update(len(chunk))
+    for message in errors:
+        print(f"merits predict: error: {message}", file=sys.stderr)
+    total = len(done) + written
     print(
-        f"merits predict: wrote {len(todo)} conversations to {output_path}"
-        + (f" ({failures} with errors)" if failures else ""),
+        f"merits predict: {output_path} holds {total} of {len(conversations)} conversations ({written} written now)"
+        + (f"; {len(errors)} line(s) with errors" + (" recorded as {'error': ...}" if args.skip_errors else
+           " left out (listed above): fix them and rerun the same command to add them, or pass --skip-errors")
+           if errors else ""),
         file=sys.stderr,
     )
-    return 0
+    return 1 if errors and not args.skip_errors else 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,7 +417,9 @@ def _predict_raw(model_dir: str, ds, args, where: str) -> tuple[list[int], list[
 
     from merits.data import conversation_indices
 
-    classifier = build_pipeline(model_dir, asr_model=args.asr_model, bf16=args.bf16, batch_size=args.batch_size)
+    classifier = build_pipeline(model_dir, asr_model=args.asr_model, bf16=args.bf16, batch_size=args.batch_size,
+                                trust_remote_code=args.trust_remote_code)
+    classifier.describe_turn = lambda conversation, turn: f"dialogue {batch[conversation][0]!r}, turn {turn}"
     model = classifier.model
     if classifier.feature_only:
         raise CliError(
@@ -335,8 +439,7 @@ def _predict_raw(model_dir: str, ds, args, where: str) -> tuple[list[int], list[
         try:
             outputs = classifier(conversations, batch_size=args.batch_size)
         except (ValueError, TypeError, FileNotFoundError) as error:
-            first = batch[0][0]
-            raise CliError(f"{where}: dialogue {first!r} and the {len(batch) - 1} after it: {error}") from error
+            raise CliError(f"{where}: {error}") from error
         for (dialogue_id, rows), turns in zip(batch_rows, outputs):
             for row, turn in zip(rows, turns):
                 predictions.append(int(label2id[turn["label"]]))
@@ -372,8 +475,9 @@ def _predict_features(model_dir: str, ds, args, where: str) -> tuple[list[int], 
     from tqdm.auto import tqdm
 
     from merits.data import conversation_indices
+    from merits.processing_merits import check_finite
 
-    model, _ = load_model_and_processor(model_dir)
+    model, _ = load_model_and_processor(model_dir, trust_remote_code=args.trust_remote_code)
     config = model.config
     if config.stage == "utterance":
         raise CliError(f"the model at {model_dir} is a Stage I (utterance) model: it classifies raw text/audio, not embeddings.")
@@ -406,7 +510,11 @@ def _predict_features(model_dir: str, ds, args, where: str) -> tuple[list[int], 
                             f"{where}, row {row} (dialogue {dialogue_id!r}): '{modality}_embeds' has {len(vector)} "
                             f"values, the model expects {size}."
                         )
-                    embeds[b, t] = torch.as_tensor(np.asarray(vector, dtype=np.float32))
+                    try:
+                        vector = check_finite(vector, f"'{modality}_embeds'", f"{where}, row {row} (dialogue {dialogue_id!r}, turn {t})")
+                    except ValueError as error:
+                        raise CliError(str(error)) from None
+                    embeds[b, t] = torch.as_tensor(vector)
                     mask[b, t] = 1
             inputs[f"{modality}_embeds"], inputs[f"{modality}_mask"] = embeds, mask
         for b, (dialogue_id, rows) in enumerate(chunk):
@@ -441,7 +549,7 @@ def evaluate(args) -> int:
             ds = _load_feature_dataset(args.file, args.split)
             predictions, references = _predict_features(args.model, ds, args, where)
         else:
-            model, _ = load_model_and_processor(args.model)
+            model, _ = load_model_and_processor(args.model, trust_remote_code=args.trust_remote_code)
             ds = _load_labelled_dataset(args.dataset, args.file, args.split, model)
             del model
             predictions, references = _predict_raw(args.model, ds, args, where)
@@ -520,7 +628,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="conversations per model call (default 8)")
     p.add_argument("--asr-model", default=None, help="transformers ASR checkpoint (e.g. Whisper) for turns without text")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--skip-errors", action="store_true", help="record bad lines as {'error': ...} and go on")
+    p.add_argument("--skip-errors", action="store_true",
+                   help="record bad lines as {'error': ...} in the output and exit 0 (default: leave them out, "
+                        "list them, exit 1)")
+    p.add_argument("--overwrite", action="store_true", help="discard an earlier output at -o instead of resuming it")
+    p.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="allow Python code named by the model folder's tokenizer/feature-extractor config to run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=predict)
 
@@ -535,6 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=8, help="conversations per model call (default 8)")
     e.add_argument("--asr-model", default=None, help="transformers ASR checkpoint for turns without text")
     e.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    e.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="allow Python code named by the model folder's tokenizer/feature-extractor config to run")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--drop-modality", choices=("speech", "text"), default=None,
                    help="MiSTER-E's modality-dropout analysis: also score with this modality removed at test time, with "
@@ -553,10 +668,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "batch_size", 1) < 1:
         parser.error("--batch-size must be >= 1")
+    from merits.resume import ResumeMismatch
+
     try:
         return args.func(args)
-    except CliError as error:
+    except (CliError, ResumeMismatch) as error:
         print(f"merits {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"merits {args.command}: stopped" + ("; finished lines are kept, rerun the same command to resume"
+                                                     if args.command == "predict" else ""), file=sys.stderr)
+        return 130
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        print(f"merits {args.command}: error: no space left on the device ({error.filename or error}); free some "
+              "space and rerun the same command" + (" (finished lines are kept)" if args.command == "predict" else ""),
+              file=sys.stderr)
         return 2
 
 

@@ -41,7 +41,7 @@ import torch
 from transformers import Pipeline
 from transformers.utils import logging
 
-from .processing_merits import EXPERT_NAMES, TARGET_SAMPLING_RATE, MeritsProcessor, load_turn_audio
+from .processing_merits import EXPERT_NAMES, TARGET_SAMPLING_RATE, MeritsProcessor, check_finite, load_turn_audio
 
 logger = logging.get_logger(__name__)
 
@@ -87,6 +87,11 @@ class ConversationEmotionRecognitionPipeline(Pipeline):
         group_by_length (`bool`, defaults to True): encode utterances in length-sorted chunks; False runs
             one plain ``model(**batch)`` per conversation batch.
         top_k (`int`, *optional*): keep only the k best classes in ``scores``.
+        trust_remote_code (`bool`, *optional*, construction only): passed on when the pipeline loads the processor
+            saved next to the model (a tokenizer or feature extractor whose config names a Python file runs that
+            file only with ``True``). Default: ``True`` only when this pipeline class was itself loaded as remote
+            code from the model's repository (``pipeline(..., trust_remote_code=True)``: the user trusted it);
+            otherwise ``None``, transformers' default, which refuses such code.
     ``batch_size`` (conversations per model call, default 8) is the usual pipeline argument.
     """
 
@@ -96,7 +101,16 @@ class ConversationEmotionRecognitionPipeline(Pipeline):
     _load_feature_extractor = False
     _load_image_processor = False
 
-    def __init__(self, *args, **kwargs):
+    #: how messages name a turn (0-based indexes, as in the Python input); the `merits` CLI names input lines
+    describe_turn = staticmethod(lambda conversation, turn: f"conversation {conversation}, turn {turn}")
+    #: what a message about a text-only model and a turn without text tells the user to do
+    asr_hint = "pass asr_model=... (e.g. a Whisper checkpoint) to transcribe its audio"
+
+    def __init__(self, *args, trust_remote_code: bool | None = None, **kwargs):
+        if trust_remote_code is None and __name__.startswith("transformers_modules."):
+            # this class was itself loaded from the model's repository with trust_remote_code=True
+            trust_remote_code = True
+        self.trust_remote_code = trust_remote_code
         super().__init__(*args, **kwargs)
         self._asr_cache: dict[str, Any] = {}
         if self.processor is None:
@@ -108,10 +122,17 @@ class ConversationEmotionRecognitionPipeline(Pipeline):
         source = getattr(self.model, "name_or_path", None) or getattr(self.model.config, "_name_or_path", None)
         if source:
             try:
-                # The user trusted this folder's code already (this file is part of it).
-                return MeritsProcessor.from_pretrained(source, trust_remote_code=True)
+                return MeritsProcessor.from_pretrained(source, trust_remote_code=self.trust_remote_code)
             except OSError:
                 pass  # no processor_config.json there
+            except ValueError as error:
+                if "trust_remote_code" not in str(error):
+                    raise
+                raise ValueError(
+                    f"The processor saved with the model {source!r} names Python code of that folder (its tokenizer or "
+                    "feature extractor config has an auto_map); it is not run unless you pass trust_remote_code=True "
+                    f"(only for a folder you trust). ({error})"
+                ) from None
         if self.reads_text or self.reads_speech:
             raise ValueError(
                 f"No MeritsProcessor found for the model {source!r} (processor_config.json), and the model encodes "
@@ -262,7 +283,7 @@ class ConversationEmotionRecognitionPipeline(Pipeline):
                 value = turn.get(key)
                 if value is None:
                     continue
-                vector = np.asarray(value, dtype=np.float32).reshape(-1)
+                vector = check_finite(value, f"'{key}'", where).reshape(-1)
                 size = getattr(self.model.config, expected, None)
                 if size is not None and vector.shape[0] != int(size):
                     raise ValueError(f"{where}: '{key}' has {vector.shape[0]} values, the model expects {size}.")
@@ -279,10 +300,7 @@ class ConversationEmotionRecognitionPipeline(Pipeline):
             prepared["audio"] = None
         if prepared["text"] is None and prepared["audio"] is None:
             if self.reads_text and not self.reads_speech:
-                raise ValueError(
-                    f"{where}: this model reads text only and the turn has no text; pass asr_model=... "
-                    "(e.g. a Whisper checkpoint) to transcribe its audio."
-                )
+                raise ValueError(f"{where}: this model reads text only and the turn has no text; {self.asr_hint}.")
             if self.reads_speech and not self.reads_text:
                 raise ValueError(f"{where}: this model reads speech only and the turn has no audio.")
             raise ValueError(
@@ -300,7 +318,7 @@ class ConversationEmotionRecognitionPipeline(Pipeline):
             if len(conversation) == 0:
                 raise ValueError(f"conversation {index} is empty: it needs at least one turn.")
             prepared_conversations.append(
-                [self.prepare_turn(turn, f"conversation {index}, turn {t}", asr_model) for t, turn in enumerate(conversation)]
+                [self.prepare_turn(turn, self.describe_turn(index, t), asr_model) for t, turn in enumerate(conversation)]
             )
 
         return {"batch": self.batch_from_prepared(prepared_conversations, first_index)}
@@ -347,7 +365,7 @@ class ConversationEmotionRecognitionPipeline(Pipeline):
             turn_mask[b, : len(conversation)] = 1
             for t, turn in enumerate(conversation):
                 if turn["text_embeds"] is None and turn["audio_embeds"] is None:
-                    raise ValueError(f"conversation {first_index + b}, turn {t}: no embedding for this model.")
+                    raise ValueError(f"{self.describe_turn(first_index + b, t)}: no embedding for this model.")
         return batch
 
     # -- forward -------------------------------------------------------------------------------
@@ -428,6 +446,15 @@ class ConversationEmotionRecognitionPipeline(Pipeline):
 
     # -- postprocess -----------------------------------------------------------------------------
     def postprocess(self, model_outputs, top_k: int | None = None):
+        logits, turn_mask = model_outputs["logits"], model_outputs["turn_mask"].bool()
+        bad = ~torch.isfinite(logits).all(-1) & turn_mask
+        if bad.any():
+            # never hand out NaN scores: inputs are checked, so this is the model's own weights or arithmetic
+            b, t = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"{self.describe_turn(b, t)} (of this batch): the model produced NaN/inf scores from finite inputs; "
+                "its weights are likely corrupt (check the model files)."
+            )
         conversations = self.processor.postprocess(
             model_outputs["logits"],
             model_outputs["turn_mask"],

@@ -197,6 +197,35 @@ def _to_mono_float32(array: np.ndarray, where: str) -> np.ndarray:
     return array.astype(np.float32)
 
 
+#: The shortest audio a turn may have after resampling: one 25 ms analysis window (the frame of the acoustic
+#: statistics and of the speech backbones' first convolution). Shorter audio carries no speech and would be
+#: classified from padding alone (a 1-sample turn came out at 99 % confidence before this check).
+MIN_AUDIO_SECONDS = 0.025
+
+
+def first_non_finite(values: Any) -> Optional[int]:
+    """The flat index of the first NaN/inf value of ``values`` (array-like), or None when all are finite."""
+    array = np.asarray(values, dtype=np.float32).reshape(-1)
+    bad = ~np.isfinite(array)
+    return int(np.argmax(bad)) if bad.any() else None
+
+
+def check_finite(values: Any, what: str, where: str) -> np.ndarray:
+    """``values`` as a float32 numpy array; `ValueError` naming ``where`` (file / row / turn) and ``what`` (the
+    column or input) when it holds NaN or inf. The one finiteness check of the project: the pipeline, `merits
+    evaluate` / `predict`, the embedding cache and the trainer all call it (docs/reliability.md)."""
+    try:
+        array = np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: {what} is not an array of numbers ({error}).") from None
+    index = first_non_finite(array)
+    if index is not None:
+        raise ValueError(
+            f"{where}: {what} holds NaN or inf (value {index} of {array.size} is {array.reshape(-1)[index]})."
+        )
+    return array
+
+
 def load_turn_audio(
     audio: Any,
     sampling_rate: Optional[int] = None,
@@ -236,9 +265,8 @@ def load_turn_audio(
         if array.shape[0] == 0:
             raise ValueError(f"{where}: audio file '{path}' contains no samples.")
         waveform = array.mean(axis=1).astype(np.float32)  # [samples, channels] -> mono
-        if not np.all(np.isfinite(waveform)):
-            raise ValueError(f"{where}: audio file '{path}' contains NaN or infinite samples.")
-        return resample_audio(waveform, file_sampling_rate, target_sampling_rate)
+        check_finite(waveform, f"the audio samples of '{path}'", where)
+        return _check_duration(resample_audio(waveform, file_sampling_rate, target_sampling_rate), target_sampling_rate, where)
 
     if isinstance(audio, torch.Tensor):
         audio = audio.detach().cpu().numpy()
@@ -251,11 +279,21 @@ def load_turn_audio(
     waveform = _to_mono_float32(audio, where)
     if waveform.shape[0] == 0:
         raise ValueError(f"{where}: audio array is empty.")
-    if not np.all(np.isfinite(waveform)):
-        raise ValueError(f"{where}: audio array contains NaN or infinite samples.")
+    check_finite(waveform, "the audio array", where)
     if sampling_rate is None:
         raise ValueError(f"{where}: an audio array needs its `sampling_rate`.")
-    return resample_audio(waveform, sampling_rate, target_sampling_rate)
+    return _check_duration(resample_audio(waveform, sampling_rate, target_sampling_rate), target_sampling_rate, where)
+
+
+def _check_duration(waveform: np.ndarray, sampling_rate: int, where: str) -> np.ndarray:
+    minimum = int(round(MIN_AUDIO_SECONDS * sampling_rate))
+    if waveform.shape[0] < minimum:
+        raise ValueError(
+            f"{where}: the audio is {waveform.shape[0]} sample(s) long at {sampling_rate} Hz "
+            f"({1000 * waveform.shape[0] / sampling_rate:.2f} ms); a turn needs at least {1000 * MIN_AUDIO_SECONDS:.0f} ms "
+            "of audio to be classified (drop the audio of this turn, or the turn)."
+        )
+    return waveform
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -716,4 +754,4 @@ class MeritsProcessor(ProcessorMixin):
         return cls(tokenizer=tokenizer, feature_extractor=feature_extractor, **init_kwargs)
 
 
-__all__ = ["MeritsProcessor", "load_turn_audio", "resample_audio"]
+__all__ = ["MeritsProcessor", "check_finite", "first_non_finite", "load_turn_audio", "resample_audio"]

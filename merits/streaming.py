@@ -39,9 +39,11 @@ class ConversationStream:
             need none and take ``text_embeds`` / ``audio_embeds`` per turn).
         asr_model: optional ASR (as for the pipeline) that transcribes turns given without text.
         bf16: run under bfloat16 autocast.
+        trust_remote_code: passed on when the processor is loaded from the model's folder (code named by its
+            tokenizer / feature extractor config runs only with ``True``); default None refuses such code.
     """
 
-    def __init__(self, model, processor=None, asr_model=None, bf16: bool = False):
+    def __init__(self, model, processor=None, asr_model=None, bf16: bool = False, trust_remote_code: bool | None = None):
         if not getattr(model.config, "causal", False):
             raise ValueError(
                 "ConversationStream needs a causal model (config.causal=True: unidirectional GRUs, left-only "
@@ -50,7 +52,8 @@ class ConversationStream:
             )
         device = next(model.parameters()).device
         self.pipeline = ConversationEmotionRecognitionPipeline(
-            model=model, processor=processor, device=device, task="conversation-emotion-recognition"
+            model=model, processor=processor, device=device, task="conversation-emotion-recognition",
+            trust_remote_code=trust_remote_code,
         )
         self.model = self.pipeline.model
         self.model.eval()

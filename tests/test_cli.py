@@ -106,14 +106,16 @@ def test_predict_bad_lines_are_named(tmp_path, meld_model, capsys):
     source = tmp_path / "in.jsonl"
     source.write_text(json.dumps([{"text": "hello there"}]) + "\n" + json.dumps([{"text": "oh"}, {"speaker": "x"}]) + "\n")
     out = tmp_path / "out.jsonl"
-    assert main(["predict", "--model", str(meld_model), str(source), "-o", str(out), "--quiet"]) == 2
+    # the good line is written, the bad one is named (line and turn both counted from 1) and the exit status is 1
+    assert main(["predict", "--model", str(meld_model), str(source), "-o", str(out), "--quiet"]) == 1
     error = capsys.readouterr().err
-    assert f"{source} line 2: conversation 0, turn 1: the turn has neither 'text' nor 'audio'" in error
+    assert f"{source} line 2, turn 2: the turn has neither 'text' nor 'audio'" in error
+    assert [json.loads(line)["line"] for line in out.read_text().splitlines()] == [1]
     assert main(["predict", "--model", str(meld_model), str(source), "-o", str(out), "--quiet", "--skip-errors"]) == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert "predictions" in lines[0] and "neither" in lines[1]["error"]
     source.write_text("[{\"text\": \"hello\"\n")
-    assert main(["predict", "--model", str(meld_model), str(source), "-o", str(tmp_path / "o2.jsonl"), "--quiet"]) == 2
+    assert main(["predict", "--model", str(meld_model), str(source), "-o", str(tmp_path / "o2.jsonl"), "--quiet"]) == 1
     assert "line 1: not valid JSON" in capsys.readouterr().err
 
 

@@ -277,7 +277,7 @@ def test_error_empty_audio(tmp_path):
     soundfile.write(empty_path, np.zeros(0, np.float32), 16000)
     with pytest.raises(ValueError, match=r"conversation 0, turn 0: audio file .*empty\.wav' contains no samples"):
         processor([[{"audio": str(empty_path)}]])
-    with pytest.raises(ValueError, match="conversation 0, turn 0: audio array contains NaN"):
+    with pytest.raises(ValueError, match="conversation 0, turn 0: the audio array holds NaN or inf"):
         processor([[{"audio": np.array([0.0, np.nan, 0.1], np.float32)}]])
 
 

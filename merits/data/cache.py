@@ -207,12 +207,23 @@ def _embed_split(model, processor, dataset, partial_dir: Path, batch_size: int, 
     takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(model.get_utterance_embeddings).parameters.values())
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
     partial_dir.mkdir(parents=True, exist_ok=True)
-    # a partial run made with another order (other chunking or length rule) cannot be resumed chunk by chunk
-    order_path = partial_dir / "order.npy"
-    if not (order_path.is_file() and np.array_equal(np.load(order_path), order)):
-        for stale in partial_dir.glob("chunk_*.npz"):
-            stale.unlink()
-        np.save(order_path, order)
+    # chunks made with another order or chunking (other chunk_size, length rule, batch layout) cannot be resumed
+    # chunk by chunk: the resume manifest (merits.resume) records them, and a mismatch recomputes every chunk
+    from ..resume import check_manifest, fingerprint_value
+
+    stale = sorted(partial_dir.glob("chunk_*.npz"))
+    resumable = check_manifest(
+        partial_dir / "resume.json", "embedding cache",
+        inputs={"dataset": str(getattr(dataset, "_fingerprint", None)), "order": fingerprint_value(order.tolist())},
+        settings={"chunk_size": chunk_size, "batch_size": batch_size, "max_tokens": max_tokens,
+                  "sampling_rate": sampling_rate, "use_text": use_text, "use_audio": use_audio},
+        has_output=bool(stale), on_mismatch="redo",
+    )
+    if stale and not resumable:
+        logger.warning("embedding cache: %d chunk(s) in %s were made with other settings; recomputing them",
+                       len(stale), partial_dir)
+        for path in stale:
+            path.unlink()
     num_chunks = (len(order) + chunk_size - 1) // chunk_size
     was_training = model.training
     model.eval()
@@ -255,6 +266,14 @@ def _embed_split(model, processor, dataset, partial_dir: Path, batch_size: int, 
                 if parts and all(part is not None for part in parts):
                     arrays[modality] = np.concatenate([p[0] for p in parts])
                     arrays[f"{modality}_present"] = np.concatenate([p[1] for p in parts])
+                    rows_ = np.nonzero(arrays[f"{modality}_present"] & ~np.isfinite(arrays[modality]).all(axis=1))[0]
+                    if rows_.size:
+                        index = int(indices[rows_[0]])  # outputs are stored in the order of `indices`
+                        raise ValueError(
+                            f"row {index} (dialogue {dialogue_ids[index]!r}, turn {turns_column[index]}): the {modality} "
+                            "encoder produced NaN/inf embeddings from finite inputs (corrupt weights, or an overflow "
+                            "under bf16?)"
+                        )
             temporary = chunk_path.with_suffix(".tmp.npz")
             np.savez(temporary, **arrays)
             temporary.rename(chunk_path)

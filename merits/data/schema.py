@@ -212,6 +212,34 @@ def finish(splits: dict[str, list[dict]], features: datasets.Features, report: L
     return (dsd, report) if return_report else dsd
 
 
+def _decode_legacy(raw: bytes, path) -> str:
+    """A CSV that is not UTF-8: cp1252 when no line of it is UTF-8 beyond ASCII (the original MELD release);
+    an error naming the first bad line when the file mixes UTF-8 text with other bytes (a corrupt or
+    concatenated file: decoding it all as cp1252 would turn every UTF-8 character into mojibake)."""
+    lines = raw.split(b"\n")
+    utf8_line, bad_line = None, None
+    for number, line in enumerate(lines, start=1):
+        try:
+            line.decode("utf-8-sig" if number == 1 else "utf-8")
+            if utf8_line is None and any(byte >= 0x80 for byte in line):
+                utf8_line = number
+        except UnicodeDecodeError as error:
+            if bad_line is None:
+                bad_line = (number, error.start + 1, line[error.start : error.start + 1])
+    if utf8_line is not None and bad_line is not None:
+        number, column, byte = bad_line
+        raise DataFormatError(
+            f"{path}, line {number}: byte {column} ({byte!r}) is not UTF-8, while line {utf8_line} is UTF-8 text; "
+            "the file mixes encodings. Re-save it as UTF-8 (a file entirely in cp1252, as the original MELD "
+            "release, is read as cp1252)."
+        )
+    try:
+        return raw.decode("cp1252", errors="strict")
+    except UnicodeDecodeError as error:
+        number = raw[: error.start].count(b"\n") + 1
+        raise DataFormatError(f"{path}, line {number}: neither UTF-8 nor cp1252 text (byte {raw[error.start:error.start + 1]!r})") from None
+
+
 def read_csv(path, required: Sequence[str], corpus: str, report: LoadReport | None = None) -> list[tuple[int, dict]]:
     """Rows of a CSV file as ``(line number, row dict)``; a missing column or a ragged row raises naming the file.
 
@@ -228,7 +256,7 @@ def read_csv(path, required: Sequence[str], corpus: str, report: LoadReport | No
     try:
         content = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        content = raw.decode("cp1252", errors="strict")
+        content = _decode_legacy(raw, path)
         if report is not None:
             report.note(f"{path.name} is not UTF-8; read as cp1252")
     import io

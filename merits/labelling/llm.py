@@ -344,7 +344,9 @@ class OpenAICompatibleLabeller:
         try:
             content = response.json()["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError) as error:
-            raise _RowError(f"malformed reply: {response.text[:300]}") from error
+            kind = response.headers.get("content-type", "no content type")
+            raise _RowError(f"malformed reply (HTTP {response.status_code}, {kind}; not an OpenAI chat completion: a "
+                            f"proxy or web page at --llm-url?): {response.text[:300]}") from error
         return content if content is not None else ""
 
     async def label_one(self, client, text: str) -> LabelResult:

@@ -241,27 +241,67 @@ def transcribe_rows(
     return done
 
 
-def label_rows(labeller, rows: list[dict], journal: Journal, progress_every: int = 100) -> dict[str, dict]:
-    """Label rows not yet finished in ``journal`` (rows that failed with an error are tried again)."""
+EMPTY_TRANSCRIPT_ERROR = "empty transcript: nothing to label"
+
+
+def is_finished(record: dict | None) -> bool:
+    """A journal record that needs no new request: a label, and no error (failed, unparsed and empty rows are
+    tried again by a rerun)."""
+    return record is not None and not record.get("error") and record.get("label") in OUTPUT_LABELS
+
+
+def label_rows(labeller, rows: list[dict], journal: Journal, progress_every: int = 100,
+               heartbeat_seconds: float = 30.0) -> dict[str, dict]:
+    """Label rows not yet finished in ``journal`` (rows that failed, whose reply was not a label, or whose transcript
+    was empty are tried again). While requests are outstanding and no reply came for ``heartbeat_seconds``, a
+    progress line says so (a hung server is visible)."""
+    import threading
+
     done = journal.load()
-    pending = [row for row in rows if row["id"] not in done or done[row["id"]].get("error")]
+    pending = [row for row in rows if not is_finished(done.get(row["id"]))]
     log(f"labels: {len(rows) - len(pending)} in the journal, {len(pending)} to ask {labeller.name}")
     if not pending:
         return done
+    empty = [row for row in pending if not (row.get("text") or "").strip()]
+    pending = [row for row in pending if (row.get("text") or "").strip()]
     started = time.monotonic()
-    counter = {"n": 0}
+    counter = {"n": 0, "last": started}
 
     def on_result(row_id: str, result: LabelResult) -> None:
-        record = {"id": row_id, "reply": result.reply, "label": result.label, "error": result.error}
+        error = result.error
+        if error is None and result.label is None:
+            error = f"the reply is not one of the labels {list(labeller_labels)}: {str(result.reply)[:80]!r}"
+        record = {"id": row_id, "reply": result.reply, "label": result.label, "error": error}
         journal.append(record)
         done[row_id] = record
         counter["n"] += 1
+        counter["last"] = time.monotonic()
         if counter["n"] % progress_every == 0 or counter["n"] == len(pending):
             rate = counter["n"] / max(time.monotonic() - started, 1e-9)
             log(f"labelled {counter['n']}/{len(pending)} ({rate:.1f} rows/s)")
 
+    labeller_labels = getattr(getattr(labeller, "prompt", None), "labels", OUTPUT_LABELS)
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(heartbeat_seconds):
+            quiet = time.monotonic() - counter["last"]
+            if quiet >= heartbeat_seconds:
+                log(f"still waiting for {labeller.name}: {counter['n']}/{len(pending)} labelled, no reply for "
+                    f"{quiet:.0f} s (timeout {getattr(labeller, 'timeout', '?')} s per request, then retries)")
+
     with journal:
-        labeller.label([(row["id"], row["text"]) for row in pending], on_result)
+        for row in empty:
+            record = {"id": row["id"], "reply": None, "label": None, "error": EMPTY_TRANSCRIPT_ERROR}
+            journal.append(record)
+            done[row["id"]] = record
+        if pending:
+            watcher = threading.Thread(target=heartbeat, daemon=True)
+            watcher.start()
+            try:
+                labeller.label([(row["id"], row["text"]) for row in pending], on_result)
+            finally:
+                stop.set()
     return done
 
 
@@ -312,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--limit", type=int, default=None, help="only the first N rows")
     parser.add_argument("--overwrite", action="store_true", help="discard an earlier run in --out instead of resuming")
+    parser.add_argument("--accept-failures", action="store_true",
+                        help="exit 0 even when rows failed (HTTP errors, replies that are not a label, empty "
+                             "transcripts); by default such a run exits 1 (they are label -1 in the dataset and a "
+                             "rerun asks for them again)")
 
     llm = parser.add_argument_group("LLM")
     llm.add_argument("--engine", choices=("http", "inprocess"), default="http",
@@ -322,7 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--concurrency", type=int, default=16, help="requests in flight at once (http)")
     llm.add_argument("--max-retries", type=int, default=5)
     llm.add_argument("--retry-base-delay", type=float, default=0.5, help="seconds; doubled at each retry")
-    llm.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    llm.add_argument("--timeout", type=float, default=30.0,
+                     help="seconds per request before it is retried (default 30; a progress line reports a silent "
+                          "server every 30 s)")
     llm.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT)
     llm.add_argument("--system-prompt-file", help="read the system prompt from this file")
     llm.add_argument("--user-template", default=DEFAULT_USER_TEMPLATE, help="must contain {text}")
@@ -367,12 +413,17 @@ def run(args: argparse.Namespace) -> dict:
     )
 
     # 1. inputs
+    from merits.resume import fingerprint_path
+
     if args.transcripts:
         rows = read_transcripts_csv(args.transcripts, args.id_column, args.text_column)
         source = {"transcripts": str(Path(args.transcripts).resolve())}
+        inputs = {"transcripts": fingerprint_path(args.transcripts)}
     else:
         rows = list_audio_inputs(args.audio, args.id_column)
         source = {"audio": str(Path(args.audio).resolve()), "whisper_model": args.whisper_model, "language": args.language}
+        # sound files by name, size and modification time (hashing a large corpus at every rerun would take minutes)
+        inputs = {"audio": fingerprint_path(args.audio, content_limit=0 if Path(args.audio).is_dir() else None)}
     if args.limit is not None:
         rows = rows[: args.limit]
     valence_column = kept_column_name(args.valence_column) if args.valence_column else None
@@ -386,7 +437,7 @@ def run(args: argparse.Namespace) -> dict:
     check_run_metadata(
         journal_dir / "run.json",
         {"llm_model": args.llm_model, "engine": args.engine, "prompt_hash": prompt.hash(), **source},
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, inputs=inputs,
     )
 
     # 3. the labeller (an HTTP server is checked first: fail before hours of ASR, not after)
@@ -421,15 +472,29 @@ def run(args: argparse.Namespace) -> dict:
     # 6. the dataset, in input order
     dataset = build_dataset(rows, labels, labeller.name, prompt.hash())
     dataset.save_to_disk(str(out))
-    counts = {name: 0 for name in (*OUTPUT_LABELS, "unparsed", "failed")}
-    for entry in (labels[row["id"]] for row in rows):
-        key = entry.get("label") or ("failed" if entry.get("error") else "unparsed")
+    counts = {name: 0 for name in (*OUTPUT_LABELS, "unparsed", "empty", "failed")}
+    failed_ids = []
+    for row in rows:
+        entry = labels[row["id"]]
+        if is_finished(entry):
+            counts[entry["label"]] += 1
+            continue
+        failed_ids.append(row["id"])
+        error = entry.get("error") or ""
+        key = ("empty" if error == EMPTY_TRANSCRIPT_ERROR else "unparsed" if error.startswith("the reply is not")
+               or (not error and entry.get("reply") is not None) else "failed")
         counts[key] += 1
     summary: dict[str, Any] = {"rows": len(rows), "counts": counts, "llm_model": labeller.name,
                                "prompt_hash": prompt.hash(), "max_tokens": labeller.max_tokens}
+    summary["not_labelled"] = len(failed_ids)
     log(f"wrote {len(rows)} rows to {out}: {json.dumps(counts)}")
-    if counts["failed"]:
-        log(f"{counts['failed']} row(s) failed (see the llm_error column); rerun to try them again")
+    if failed_ids:
+        first = labels[failed_ids[0]]
+        log(f"WARNING: {len(failed_ids)} row(s) have no label (label -1; {counts['failed']} failed requests, "
+            f"{counts['unparsed']} replies that are not a label, {counts['empty']} empty transcripts), e.g. "
+            f"{failed_ids[0]!r}: {first.get('error') or first.get('reply')!r}; see the llm_error column. "
+            "Rerun the same command to ask for them again" + ("" if args.accept_failures else
+                                                               " (or pass --accept-failures to exit 0 with them)"))
 
     # 7. oracle agreement
     if valence_column:
@@ -457,9 +522,21 @@ def main(argv: Iterable[str] | None = None) -> int:
 
     datasets.disable_progress_bars()
     try:
-        run(args)
+        summary = run(args)
     except (InputError, JournalError, LLMServerError) as error:
         print(f"label_with_llm.py: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"label_with_llm.py: stopped; finished rows are kept in {Path(args.out) / 'journal'}, rerun the same "
+              "command to resume", file=sys.stderr)
+        return 130
+    except OSError as error:
+        import errno
+
+        if error.errno != errno.ENOSPC:
+            raise
+        print(f"label_with_llm.py: error: no space left on the device ({error.filename or error}); free some space "
+              "and rerun the same command (finished rows are kept in the journal)", file=sys.stderr)
         return 2
     except Exception as error:  # ASR errors and the like: a one-line message, the traceback on request
         from .asr import ASRError
@@ -468,4 +545,4 @@ def main(argv: Iterable[str] | None = None) -> int:
             print(f"label_with_llm.py: error: {error}", file=sys.stderr)
             return 2
         raise
-    return 0
+    return 1 if summary.get("not_labelled") and not args.accept_failures else 0

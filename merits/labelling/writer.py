@@ -84,29 +84,24 @@ class Journal:
         return iter(self.load().values())
 
 
-def check_run_metadata(path: str | os.PathLike, metadata: dict[str, Any], overwrite: bool = False) -> None:
+def check_run_metadata(path: str | os.PathLike, metadata: dict[str, Any], overwrite: bool = False,
+                       inputs: dict[str, str] | None = None) -> None:
     """Store ``metadata`` (model, prompt hash, input) at ``path``, or check that a previous run used the same.
 
     Resuming with another LLM, prompt or input would silently mix two labellings in one dataset; this
     raises :class:`JournalError` naming what differs instead (``overwrite=True`` replaces the file;
-    the caller then clears the journals).
+    the caller then clears the journals). ``inputs`` (``{name: fingerprint}``, :func:`merits.resume.fingerprint_path`)
+    catches an input file edited or replaced under the same name. The file is a :mod:`merits.resume` manifest.
     """
+    from merits.resume import ResumeMismatch, check_manifest
+
     path = Path(path)
-    if path.exists() and not overwrite:
-        try:
-            previous = json.loads(path.read_text())
-        except ValueError as error:
-            raise JournalError(f"{path}: unreadable run metadata ({error}); delete it or pass --overwrite")
-        differences = [
-            f"{key}: {previous.get(key)!r} then, {value!r} now"
-            for key, value in metadata.items()
-            if key in previous and previous[key] != value
-        ]
-        if differences:
-            raise JournalError(
-                f"{path.parent.parent}: this output directory holds a run with other settings "
-                f"({'; '.join(differences)}); use another --out, or --overwrite to start again"
-            )
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    if overwrite:
+        path.unlink(missing_ok=True)
+    try:
+        # the settings are also kept at the top level of run.json (readers of the earlier flat format)
+        check_manifest(path, "label_with_llm.py", inputs or {}, metadata, has_output=path.exists(),
+                       what=str(path.parent.parent), restart_hint="use another --out, or --overwrite to start again",
+                       extra=dict(metadata))
+    except ResumeMismatch as error:
+        raise JournalError(str(error)) from None

@@ -199,57 +199,81 @@ class TrainingArguments:
             return self.context
         return getattr(self, stage)
 
+    def source_of(self, *keys: str) -> str:
+        """Where the value of ``keys`` (the first one set) came from: ``--key`` on the command line, the config file,
+        or the defaults. Errors name it, so a bad value from the command line is not blamed on the YAML file."""
+        sources = getattr(self, "_sources", {})
+        for key in keys:
+            for candidate in (key, key.split(".")[0]):
+                if candidate in sources:
+                    return sources[candidate]
+        return "defaults" if self.config is None else f"{self.config} (or its defaults)"
+
     def validate(self) -> "TrainingArguments":
-        where = self.config or "command line"
+        src = self.source_of
         if self.architecture not in ARCHITECTURES + ("both",):
-            raise ConfigError(f"{where}: architecture must be one of {ARCHITECTURES + ('both',)}, got {self.architecture!r}")
+            raise ConfigError(f"{src('architecture')}: architecture must be one of {ARCHITECTURES + ('both',)}, got {self.architecture!r}")
         for modality in self.modalities:
             if modality not in MODALITIES:
-                raise ConfigError(f"{where}: modalities: unknown modality {modality!r}; expected {MODALITIES}")
+                raise ConfigError(f"{src('modalities')}: modalities: unknown modality {modality!r}; expected {MODALITIES}")
         if not self.modalities:
-            raise ConfigError(f"{where}: modalities is empty")
+            raise ConfigError(f"{src('modalities')}: modalities is empty")
         for stage in self.stages or []:
             if stage not in STAGE_NAMES:
-                raise ConfigError(f"{where}: stages: unknown stage {stage!r}; expected some of {STAGE_NAMES}")
+                raise ConfigError(f"{src('stages')}: stages: unknown stage {stage!r}; expected some of {STAGE_NAMES}")
         if self.mixed_precision not in ("no", "bf16"):
-            raise ConfigError(f"{where}: mixed_precision must be 'no' or 'bf16' (fp16 needs a GPU), got {self.mixed_precision!r}")
+            raise ConfigError(f"{src('mixed_precision')}: mixed_precision must be 'no' or 'bf16' (fp16 needs a GPU), got {self.mixed_precision!r}")
         if self.train_features is not None and self.validation_features is None:
-            raise ConfigError(f"{where}: --train_features needs --validation_features (model selection uses validation only)")
+            raise ConfigError(f"{src('train_features')}: --train_features needs --validation_features (model selection uses validation only)")
         if self.train_features is not None and self.architecture == "both":
-            raise ConfigError(f"{where}: feature-only training needs --architecture merits-l or mister-e")
+            raise ConfigError(f"{src('architecture', 'train_features')}: feature-only training needs --architecture merits-l or mister-e")
         if self.push_to_hub and not self.hub_model_id:
-            raise ConfigError(f"{where}: --push_to_hub needs --hub_model_id")
+            raise ConfigError(f"{src('push_to_hub')}: --push_to_hub needs --hub_model_id")
         if self.speaker_folds:
             if self.architecture == "both" or self.train_features is not None:
-                raise ConfigError(f"{where}: speaker_folds needs one architecture (merits-l or mister-e) and a corpus, not --train_features")
+                raise ConfigError(f"{src('speaker_folds')}: speaker_folds needs one architecture (merits-l or mister-e) and a corpus, not --train_features")
             if self.stages not in (None, ["utterance"]) or list(self.modalities) != ["audio"]:
-                raise ConfigError(f"{where}: speaker_folds trains the stage I speech head only (modalities: [audio], stages: [utterance])")
+                raise ConfigError(f"{src('speaker_folds')}: speaker_folds trains the stage I speech head only (modalities: [audio], stages: [utterance])")
             for index, candidate in enumerate(self.fold_candidates or []):
                 if not isinstance(candidate, dict):
-                    raise ConfigError(f"{where}: fold_candidates[{index}] must be a mapping of options, got {candidate!r}")
+                    raise ConfigError(f"{src('fold_candidates')}: fold_candidates[{index}] must be a mapping of options, got {candidate!r}")
         if self.embedding_batch_size <= 0:
-            raise ConfigError(f"{where}: embedding_batch_size must be positive, got {self.embedding_batch_size}")
+            raise ConfigError(f"{src('embedding_batch_size')}: embedding_batch_size must be positive, got {self.embedding_batch_size}")
         if self.embedding_max_tokens is not None and self.embedding_max_tokens <= 0:
-            raise ConfigError(f"{where}: embedding_max_tokens must be positive (or null), got {self.embedding_max_tokens}")
+            raise ConfigError(f"{src('embedding_max_tokens')}: embedding_max_tokens must be positive (or null), got {self.embedding_max_tokens}")
         if self.torch_num_threads is not None and self.torch_num_threads <= 0:
-            raise ConfigError(f"{where}: torch_num_threads must be positive, got {self.torch_num_threads}")
+            raise ConfigError(f"{src('torch_num_threads')}: torch_num_threads must be positive, got {self.torch_num_threads}")
         if self.checkpointing_steps <= 0:
-            raise ConfigError(f"{where}: checkpointing_steps must be positive")
+            raise ConfigError(f"{src('checkpointing_steps')}: checkpointing_steps must be positive")
         if self.audio_train_crop_seconds is not None and self.audio_train_crop_seconds <= 0:
-            raise ConfigError(f"{where}: audio_train_crop_seconds must be positive (or null), got {self.audio_train_crop_seconds}")
+            raise ConfigError(f"{src('audio_train_crop_seconds')}: audio_train_crop_seconds must be positive (or null), got {self.audio_train_crop_seconds}")
         head, text = self.speech_head, self.utterance
         if head.optimizer != text.optimizer and head.weight_decay > 0 and text.weight_decay > 0:
             raise ConfigError(
-                f"{where}: speech_head.optimizer {head.optimizer!r} differs from utterance.optimizer {text.optimizer!r} "
+                f"{src('speech_head.optimizer', 'utterance.optimizer')}: speech_head.optimizer {head.optimizer!r} differs from utterance.optimizer {text.optimizer!r} "
                 "with weight decay in both: the two groups share one optimiser (Adam and AdamW agree only without "
                 "weight decay); make them equal or set one weight_decay to 0"
             )
+        import math
+
         for name in ("pretrain", "utterance", "speech_head", "context", "fusion", "moe"):
             stage = getattr(self, name)
-            if stage.batch_size <= 0 or stage.num_epochs <= 0 or stage.gradient_accumulation_steps <= 0:
-                raise ConfigError(f"{where}: {name}: batch_size, num_epochs and gradient_accumulation_steps must be positive")
+            for key in ("batch_size", "num_epochs", "gradient_accumulation_steps"):
+                if getattr(stage, key) <= 0:
+                    raise ConfigError(f"{src(f'{name}.{key}')}: {name}.{key} must be positive, got {getattr(stage, key)}")
             if stage.optimizer not in ("adam", "adamw"):
-                raise ConfigError(f"{where}: {name}.optimizer must be 'adam' or 'adamw', got {stage.optimizer!r}")
+                raise ConfigError(f"{src(f'{name}.optimizer')}: {name}.optimizer must be 'adam' or 'adamw', got {stage.optimizer!r}")
+            # checked here, before any data is loaded or any folder written
+            if not (math.isfinite(stage.learning_rate) and stage.learning_rate > 0):
+                raise ConfigError(f"{src(f'{name}.learning_rate')}: {name}.learning_rate must be a positive number, got {stage.learning_rate}")
+            if not (math.isfinite(stage.weight_decay) and stage.weight_decay >= 0):
+                raise ConfigError(f"{src(f'{name}.weight_decay')}: {name}.weight_decay must be >= 0, got {stage.weight_decay}")
+            if not 0 <= stage.warmup_ratio < 1:
+                raise ConfigError(f"{src(f'{name}.warmup_ratio')}: {name}.warmup_ratio must be in [0, 1), got {stage.warmup_ratio}")
+            if stage.max_grad_norm is not None and not stage.max_grad_norm > 0:
+                raise ConfigError(f"{src(f'{name}.max_grad_norm')}: {name}.max_grad_norm must be positive (or null), got {stage.max_grad_norm}")
+            if stage.early_stopping_patience is not None and stage.early_stopping_patience < 1:
+                raise ConfigError(f"{src(f'{name}.early_stopping_patience')}: {name}.early_stopping_patience must be >= 1 (or null)")
         return self
 
     def to_dict(self) -> dict:
@@ -352,6 +376,11 @@ def _coerce(value: Any, tp, key: str, source: str) -> Any:
                 value = yaml.safe_load(value)
             if not isinstance(value, dict):
                 raise ValueError("not a mapping")
+            glued = [k for k, v in value.items() if v is None and isinstance(k, str) and ":" in k]
+            if glued:
+                name, _, number = glued[0].partition(":")
+                raise ValueError(f"{glued[0]!r} has no value: YAML needs a space after the colon, "
+                                 f"write {{{name}: {number}}}")
             return dict(value)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{source}: {key}: cannot read {value!r} as {getattr(tp, '__name__', tp)} ({error})") from None
@@ -361,6 +390,9 @@ def _coerce(value: Any, tp, key: str, source: str) -> Any:
 def _apply(args: TrainingArguments, key: str, value: Any, source: str, base: Path) -> None:
     types_ = _field_types(TrainingArguments)
     head, _, rest = key.partition(".")
+    if not hasattr(args, "_sources"):
+        args._sources = {}
+    args._sources[key] = source
     if head not in types_:
         raise ConfigError(f"{source}: unknown option {key!r}")
     tp = types_[head]

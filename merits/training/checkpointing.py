@@ -33,6 +33,9 @@ import yaml
 
 
 RUN_CONFIG = "run_config.yaml"
+#: input fingerprints of the run (merits.resume): a resumed run must read the same data
+RESUME_MANIFEST = "resume_manifest.json"
+TRAINER_STATE = "trainer_state.json"
 # options that may differ between a run and its resumption
 _RESUME_FREE_KEYS = {
     "resume",
@@ -55,22 +58,38 @@ def _comparable(options: dict) -> dict:
     return {k: v for k, v in options.items() if k not in _RESUME_FREE_KEYS}
 
 
+def _has_progress(output_dir: Path) -> bool:
+    """Whether the folder holds anything a run made beyond its settings (a run that failed before its first
+    result, e.g. on a bad option, leaves only ``run_config.yaml``: it must not block the corrected rerun)."""
+    for child in output_dir.rglob("*"):
+        if child.is_file() and child.relative_to(output_dir).as_posix() not in (RUN_CONFIG, RESUME_MANIFEST):
+            return True
+    return False
+
+
 def prepare_output_dir(output_dir: str | Path, options: dict, resume: bool, overwrite: bool, is_main_process: bool,
-                       barrier=None) -> bool:
+                       barrier=None, inputs: dict | None = None) -> bool:
     """Apply the output-folder policy; returns True when an earlier run is being resumed.
 
-    - empty or missing folder: a new run.
+    - empty or missing folder, or one holding only the settings of a run that stopped before making anything: a new
+      run.
     - folder holding a run: ``resume`` continues it (its options must match), ``overwrite`` deletes it,
       otherwise :class:`OutputDirError`.
     - a non-empty folder that is not a merits run is never deleted.
+    - ``inputs`` (``{option: fingerprint}`` of the data files, :func:`merits.resume.fingerprint_path`) are recorded
+      in ``resume_manifest.json``; ``resume`` refuses when they changed (:class:`merits.resume.ResumeMismatch`).
 
     Every process calls this (the checks only read); only the main process writes or deletes. ``barrier``
     (e.g. ``PartialState().wait_for_everyone``) is called by every process after its checks and before the main
     process writes, so no process reads the folder the main process is writing into. Call it once more afterwards.
     """
+    from merits.resume import ResumeMismatch, check_manifest, write_manifest
+
     output_dir = Path(output_dir)
     config_file = output_dir / RUN_CONFIG
     has_content = output_dir.is_dir() and any(output_dir.iterdir())
+    if has_content and config_file.is_file() and not _has_progress(output_dir):
+        has_content, resume = False, False  # a run that made nothing: start it again with the options given now
     if resume:
         if not config_file.is_file():
             if has_content:
@@ -86,6 +105,12 @@ def prepare_output_dir(output_dir: str | Path, options: dict, resume: bool, over
                     f"{output_dir}: cannot resume, the options differ from the run in this folder ({detail}). "
                     "Resume with the same options, or start afresh with --overwrite_output_dir."
                 )
+            try:
+                check_manifest(output_dir / RESUME_MANIFEST, "train.py", inputs or {}, {}, has_output=True,
+                               what=str(output_dir),
+                               restart_hint="resume with the same data, or start afresh with --overwrite_output_dir")
+            except ResumeMismatch as error:
+                raise OutputDirError(str(error)) from None
             if barrier is not None:
                 barrier()
             return True
@@ -102,7 +127,7 @@ def prepare_output_dir(output_dir: str | Path, options: dict, resume: bool, over
             )
     if barrier is not None:
         barrier()  # every process has checked the folder as it was; now the main process may change it
-    if has_content:
+    if output_dir.is_dir() and any(output_dir.iterdir()):
         if is_main_process:
             for child in output_dir.iterdir():
                 if child.is_dir() and not child.is_symlink():
@@ -112,6 +137,7 @@ def prepare_output_dir(output_dir: str | Path, options: dict, resume: bool, over
     if is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         config_file.write_text(yaml.safe_dump(options, sort_keys=True))
+        write_manifest(output_dir / RESUME_MANIFEST, "train.py", inputs or {}, {})
     return False
 
 
@@ -164,8 +190,10 @@ class StageCheckpoints:
                 steps.append((int(match.group(1)), child))
         return max(steps)[1] if steps else None
 
-    def save(self, accelerator, global_step: int) -> Path:
-        """``accelerator.save_state`` at ``step_<global_step>``, marked COMPLETE once every process has written."""
+    def save(self, accelerator, global_step: int, trainer_state: "TrainerState | None" = None) -> Path:
+        """``accelerator.save_state`` at ``step_<global_step>`` (+ ``trainer_state.json``), marked COMPLETE once every
+        process has written. The trainer state is plain JSON, not an accelerate custom (pickled) checkpoint, so
+        that resuming never unpickles (``torch.load(weights_only=False)``) a file of the output folder."""
         path = self.checkpoint_dir / f"step_{global_step:08d}"
         # accelerate creates the folder on the main process only, while every process writes its RNG state
         # into it: create it first, so that no rank can get there before it exists
@@ -175,6 +203,8 @@ class StageCheckpoints:
         accelerator.save_state(str(path))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            if trainer_state is not None:
+                (path / TRAINER_STATE).write_text(json.dumps(asdict(trainer_state)))
             (path / "COMPLETE").write_text(str(global_step))
             older = sorted(
                 (int(m.group(1)), c) for c in self.checkpoint_dir.iterdir() if (m := _STEP_DIR.match(c.name))
@@ -184,12 +214,19 @@ class StageCheckpoints:
         accelerator.wait_for_everyone()
         return path
 
-    def load_latest(self, accelerator) -> bool:
-        """``accelerator.load_state`` of the newest complete checkpoint; False when there is none."""
+    def load_latest(self, accelerator, trainer_state: "TrainerState | None" = None) -> bool:
+        """``accelerator.load_state`` of the newest complete checkpoint (and its ``trainer_state.json`` into
+        ``trainer_state``); False when there is none."""
         accelerator.wait_for_everyone()
         path = self.latest()
         if path is None:
             return False
+        if trainer_state is not None:
+            state_file = path / TRAINER_STATE
+            if not state_file.is_file():
+                raise OutputDirError(f"{path}: the checkpoint has no {TRAINER_STATE} (written by an older merits); "
+                                     "start afresh with --overwrite_output_dir")
+            trainer_state.load_state_dict({"json": state_file.read_text()})
         accelerator.load_state(str(path))
         accelerator.wait_for_everyone()
         return True

@@ -424,8 +424,7 @@ def run_stage(model: torch.nn.Module, plan: StagePlan, run_args, run_dir: Path, 
     if test_loader is not None:
         test_loader = accelerator.prepare(test_loader)
     state = TrainerState()
-    accelerator.register_for_checkpointing(state)
-    if checkpoints.load_latest(accelerator):
+    if checkpoints.load_latest(accelerator, state):
         accelerator.print(
             f"[{plan.tag}] resumed from {checkpoints.latest()} (epoch {state.epoch}, step {state.global_step})"
         )
@@ -484,7 +483,7 @@ def run_stage(model: torch.nn.Module, plan: StagePlan, run_args, run_dir: Path, 
                 accelerator.log(log, step=state.global_step)
                 running_loss, running_count = 0.0, 0
             if state.global_step % run_args.checkpointing_steps == 0:
-                checkpoints.save(accelerator, state.global_step)
+                checkpoints.save(accelerator, state.global_step, state)
             if run_args.debug_exit_after_step is not None and state.global_step >= run_args.debug_exit_after_step:
                 accelerator.print(f"[{plan.tag}] debug_exit_after_step={run_args.debug_exit_after_step}: exiting hard")
                 os._exit(17)
@@ -523,7 +522,7 @@ def run_stage(model: torch.nn.Module, plan: StagePlan, run_args, run_dir: Path, 
         if arguments.early_stopping_patience is not None and state.bad_epochs >= arguments.early_stopping_patience:
             accelerator.print(f"[{plan.tag}] early stopping: no better validation wF1 for {state.bad_epochs} epochs")
             stop = True
-        checkpoints.save(accelerator, state.global_step)
+        checkpoints.save(accelerator, state.global_step, state)
     bar.close()
 
     # ---- the selected model: load it, score validation and test once ----

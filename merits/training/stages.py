@@ -128,6 +128,54 @@ def _pseudo_label_corpus(path: str, seed: int) -> "datasets.DatasetDict":
     return dsd
 
 
+#: options naming files or folders the run reads: fingerprinted in resume_manifest.json (merits.resume)
+INPUT_OPTIONS = ("data_dir", "train_features", "validation_features", "test_features", "text_encoder_init",
+                 "tokenizer_name_or_path", "text_model_name_or_path", "audio_model_name_or_path")
+
+
+def input_fingerprints(args: TrainingArguments) -> dict:
+    """``{option: fingerprint}`` of every local file or folder the run reads (a Hub id is kept as given)."""
+    from ..resume import fingerprint_path
+
+    inputs = {}
+    for key in INPUT_OPTIONS:
+        value = getattr(args, key, None)
+        if value:
+            inputs[key] = fingerprint_path(value) if Path(value).exists() else f"not a local path: {value}"
+    return inputs
+
+
+def _corpus_loader(name: str):
+    if name == "demo":
+        from ..data.demo import make_demo_corpus
+
+        return make_demo_corpus
+    from .. import data as data_package
+
+    return getattr(data_package, f"load_{name}", None)
+
+
+def check_dataset_options(args: TrainingArguments) -> None:
+    """``dataset_options`` must be keyword arguments of the dataset's loader (checked before any data is read)."""
+    import inspect
+
+    options = dict(args.dataset_options or {})
+    if not options or args.dataset in ("pseudo_labels", "features") or args.train_features is not None:
+        return
+    loader = _corpus_loader(args.dataset)
+    if loader is None:
+        return  # load_corpus names the missing loader
+    parameters = inspect.signature(loader).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        return
+    accepted = [name for name, p in parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)][1 if args.dataset != "demo" else 0:]
+    unknown = sorted(key for key in options if key not in accepted)
+    if unknown:
+        source = args.source_of("dataset_options")
+        raise DataError(f"{source}: dataset_options: {', '.join(map(repr, unknown))} is not an option of the {args.dataset} "
+                        f"loader {loader.__name__}() (its options: {', '.join(accepted)})")
+
+
 def _first_dialogues(dataset, limit: int | None):
     """The rows of the first ``limit`` conversations (quick runs), in the dataset's row order."""
     if limit is None:
@@ -253,6 +301,8 @@ def _embedding_matrix(dataset, column: str, source: str) -> tuple[np.ndarray, np
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from ..processing_merits import first_non_finite
+
     table = dataset.data.table if dataset._indices is None else dataset.flatten_indices().data.table
     array = table.column(column).combine_chunks()
     if not pa.types.is_list(array.type) and not pa.types.is_large_list(array.type) and not pa.types.is_fixed_size_list(array.type):
@@ -274,9 +324,9 @@ def _embedding_matrix(dataset, column: str, source: str) -> tuple[np.ndarray, np
         raise DataError(f"{where(int(differing[0]))}: {column} has {lengths[differing[0]]} values, earlier rows have {dim}")
     values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.float32)
     parents = pc.list_parent_indices(array).to_numpy(zero_copy_only=False)
-    bad = ~np.isfinite(values)
-    if bad.any():
-        raise DataError(f"{where(int(parents[np.argmax(bad)]))}: {column} holds NaN or inf")
+    bad = first_non_finite(values)  # the project's one finiteness check (merits.processing_merits)
+    if bad is not None:
+        raise DataError(f"{where(int(parents[bad]))}: {column} holds NaN or inf")
     matrix = np.zeros((len(dataset), dim), np.float32)
     matrix[present] = values.reshape(-1, dim)
     return matrix, present
@@ -950,8 +1000,9 @@ def run_training(args: TrainingArguments) -> dict:
         torch.set_num_threads(args.torch_num_threads)
     output_dir = Path(args.output_dir)
     options = args.to_dict()
+    check_dataset_options(args)  # before anything is written: a typo must not leave a run folder behind
     prepare_output_dir(output_dir, options, args.resume, args.overwrite_output_dir, state.is_main_process,
-                       barrier=state.wait_for_everyone)
+                       barrier=state.wait_for_everyone, inputs=input_fingerprints(args))
     state.wait_for_everyone()
     if args.speaker_folds:
         return run_speaker_folds(args, output_dir, state)
