@@ -373,6 +373,10 @@ def to_openai_whisper_checkpoint(model: CTranslate2Model, dtype: str = "float16"
     import torch
 
     sizes = whisper_sizes(model)
+    for side in ("encoder", "decoder"):
+        if sizes[f"{side}_ffn_dim"] != 4 * sizes["d_model"]:
+            raise ConversionError(f"openai-whisper fixes the MLP at 4 x d_model; the {side} has "
+                                  f"{sizes[f'{side}_ffn_dim']} for d_model {sizes['d_model']}")
     dims = dict(n_mels=sizes["num_mel_bins"], n_vocab=sizes["vocab_size"], n_audio_ctx=sizes["max_source_positions"],
                 n_audio_state=sizes["d_model"], n_audio_head=sizes["encoder_attention_heads"],
                 n_audio_layer=sizes["encoder_layers"], n_text_ctx=sizes["max_target_positions"],
