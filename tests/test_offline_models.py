@@ -23,7 +23,8 @@ from merits.conversion.ctranslate2_whisper import (ConversionError, read_ctransl
 from merits.conversion.offline import MODELS, model_path, verify
 
 ROOT = Path(__file__).resolve().parents[1]
-JFK = ROOT.parent / "shared" / "data" / "speech" / "jfk.flac"
+SHARED_DATA = Path(os.environ.get("MERITS_SHARED_DATA", ROOT.parent / "shared" / "data"))
+JFK = SHARED_DATA / "speech" / "jfk.flac"
 JFK_TEXT = "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
 
 
@@ -226,7 +227,7 @@ def test_minilm_similar_sentences_are_closer(offline):
 
 def _jfk_audio():
     if not JFK.is_file():
-        pytest.skip(f"{JFK} is not there")
+        pytest.skip(f"{JFK} not found: set MERITS_SHARED_DATA to the shared data folder")
     from merits.data.audio import load_audio
 
     return load_audio(str(JFK), 16000)
