@@ -39,6 +39,7 @@ PIPELINE_TASK = "conversation-emotion-recognition"
 # The remote-code files every Hub folder carries, in the order they depend on each other.
 HUB_CODE_FILES = (
     "configuration_merits.py",
+    "whisper_encoder_merits.py",
     "modeling_merits.py",
     "feature_extraction_merits.py",
     "processing_merits.py",

@@ -31,6 +31,7 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from .whisper_encoder_merits import is_whisper_encoder, whisper_encoder_own_frames
 from .configuration_merits import EXPERTS, MeritsConfig, _backbone_hidden_size
 
 
@@ -415,6 +416,13 @@ class MeritsSpeechEncoder(nn.Module):
     def pool_backbone(self, input_values=None, input_features=None, audio_attention_mask=None):
         """Frozen backbone -> layer-weighted, time-averaged vector [N, hidden]."""
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.backbone.parameters())
+        if input_features is not None and is_whisper_encoder(self.backbone):
+            # each clip on its own mel frames (whisper_encoder_merits.py), not on 30 s of padding
+            with torch.set_grad_enabled(grad):
+                states, frame_mask = whisper_encoder_own_frames(self.backbone, input_features, audio_attention_mask)
+            hidden = self.mix_layers(torch.stack(states, dim=0))
+            weights = frame_mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         with torch.set_grad_enabled(grad):
             if input_features is not None:
                 outputs = self.backbone(input_features=input_features, output_hidden_states=True)

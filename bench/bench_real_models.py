@@ -1,0 +1,262 @@
+"""Real pretrained encoders (scripts/offline_models.py) against the classic baselines, on dev / held-out speakers.
+
+Tasks (``--tasks emodb,mosi,meld``):
+
+- ``emodb``: the frozen Whisper-base encoder run on each clip's own mel frames
+  (``merits.whisper_encoder_merits``), every hidden state mean-pooled over the clip's frames. Leave-one-speaker-out
+  over EmoDB's speakers: fold i tests speaker i, validates on the next speaker (cyclic), trains on the rest.
+  (a) the probe: the 7 pooled layers concatenated, standardised, + logistic regression (C chosen on the
+  validation speaker); (b) ours: MERITS-L's speech head with learned softmax layer weights over the same 7
+  pooled layers (``audio_feature_layers``; the mix commutes with the time mean, so this is the head on the frozen
+  backbone), epoch chosen on the validation speaker. Also: own frames vs the 30 s-padded encoder on
+  ``--padded_clips`` clips (max abs / relative difference of the pooled vectors, CPU-time ratio).
+- ``mosi`` / ``meld``: the frozen all-MiniLM-L6-v2 mean-pooled embeddings + logistic regression, C chosen on dev
+  (dev weighted F1; the test splits are not touched).
+
+Needs ``python scripts/offline_models.py`` (the models) and ``MERITS_SHARED_DATA`` (default ../shared/data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from common import record  # noqa: E402
+
+C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+
+
+def shared_data() -> Path:
+    return Path(os.environ.get("MERITS_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def scores(gold, pred) -> dict:
+    from sklearn.metrics import accuracy_score, f1_score, recall_score
+
+    return {"weighted_f1": float(f1_score(gold, pred, average="weighted")),
+            "uar": float(recall_score(gold, pred, average="macro")), "accuracy": float(accuracy_score(gold, pred))}
+
+
+def logreg(C: float):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+
+
+# ------------------------------------------------------------------------------------------------------- EmoDB
+
+
+def whisper_pooled(encoder, feature_extractor, waves, own: bool = True) -> tuple[np.ndarray, float]:
+    """[N, layers, d] per-layer means over each clip's frames, and the CPU seconds it took."""
+    from merits.whisper_encoder_merits import whisper_encoder_own_frames
+
+    out = []
+    start = time.process_time()
+    with torch.no_grad():
+        for wave in waves:
+            if own:
+                feats = feature_extractor(wave, sampling_rate=16000, padding="longest", return_attention_mask=True,
+                                          return_tensors="pt")
+                states, mask = whisper_encoder_own_frames(encoder, feats.input_features, feats.attention_mask)
+            else:  # the 30 s window transformers' encoder insists on, pooled over the clip's frames only
+                feats = feature_extractor(wave, sampling_rate=16000, return_attention_mask=True, return_tensors="pt")
+                states = encoder(feats.input_features, output_hidden_states=True).hidden_states
+                frames = states[0].shape[1]
+                mask = feats.attention_mask[:, ::2][:, :frames].bool()
+            weights = mask[0].float()[:, None]
+            out.append(torch.stack([(s[0] * weights).sum(0) / weights.sum() for s in states]).numpy())
+    return np.stack(out), time.process_time() - start
+
+
+def emodb_data():
+    from merits.data.audio import load_audio
+
+    data = shared_data() / "emodb"
+    rows = list(csv.DictReader(open(data / "labels.csv")))
+    waves = [load_audio(str(data / r["file"]), 16000) for r in rows]
+    return waves, np.array([r["emotion"] for r in rows]), np.array([r["speaker"] for r in rows])
+
+
+def folds(speakers):
+    distinct = sorted(set(speakers.tolist()))
+    for i, test in enumerate(distinct):
+        validation = distinct[(i + 1) % len(distinct)]
+        yield test, validation, speakers == test, speakers == validation
+
+
+def loso_probe(x, labels, speakers):
+    preds, gold, chosen = [], [], []
+    for _, _, test, validation in folds(speakers):
+        train = ~(test | validation)
+        best = max(C_GRID, key=lambda C: scores(labels[validation],
+                                                logreg(C).fit(x[train], labels[train]).predict(x[validation]))["weighted_f1"])
+        chosen.append(best)
+        preds += logreg(best).fit(x[train | validation], labels[train | validation]).predict(x[test]).tolist()
+        gold += labels[test].tolist()
+    return scores(gold, preds), chosen
+
+
+def loso_head(layers, labels, speakers, epochs=60, seed=42, hidden=(256,), weight_decay=0.01, lr=1e-3):
+    """MERITS-L's speech head with learned softmax layer weights on the pooled layers; epoch picked on the
+    validation speaker, then scored once on the test speaker."""
+    from merits import MeritsConfig
+    from merits.modeling_merits import MeritsSpeechEncoder
+
+    names = sorted(set(labels.tolist()))
+    y = np.array([names.index(v) for v in labels])
+    preds, gold, val_preds, val_gold, best_epochs = [], [], [], [], []
+    for _, _, test, validation in folds(speakers):
+        train = ~(test | validation)
+        mean = layers[train].mean(0, keepdims=True)
+        std = layers[train].std(0, keepdims=True) + 1e-3
+        x = torch.tensor((layers - mean) / std, dtype=torch.float32)
+        torch.manual_seed(seed)
+        config = MeritsConfig(architecture="merits-l", audio_feature_dim=layers.shape[2],
+                              audio_feature_layers=layers.shape[1], id2label=dict(enumerate(names)),
+                              speech_head_hidden_sizes=list(hidden), speech_head_activation="relu",
+                              speech_head_dropout=0.3, speech_head_input_dropout=0.2)
+        head = MeritsSpeechEncoder(config)
+        optimiser = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+        index = np.flatnonzero(train)
+        generator = np.random.default_rng(seed)
+        best = (-1.0, 0, None, None)
+        for epoch in range(1, epochs + 1):
+            head.train()
+            for batch in np.array_split(generator.permutation(index), max(1, len(index) // 32)):
+                _, logits = head(audio_features=x[batch])
+                loss = torch.nn.functional.cross_entropy(logits, torch.tensor(y[batch]))
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+            head.eval()
+            with torch.no_grad():
+                v = head(audio_features=x[validation])[1].argmax(-1).numpy()
+                t = head(audio_features=x[test])[1].argmax(-1).numpy()
+            f1 = scores(y[validation], v)["weighted_f1"]
+            if f1 > best[0]:
+                best = (f1, epoch, v, t)
+        best_epochs.append(best[1])
+        val_preds += best[2].tolist(); val_gold += y[validation].tolist()
+        preds += best[3].tolist(); gold += y[test].tolist()
+    return scores(gold, preds), scores(val_gold, val_preds), best_epochs
+
+
+def task_emodb(args) -> dict:
+    from transformers import WhisperFeatureExtractor, WhisperModel
+
+    figures = {}
+    torch.set_num_threads(args.threads)
+    encoder = WhisperModel.from_pretrained("openai/whisper-base").get_encoder().eval()
+    extractor = WhisperFeatureExtractor.from_pretrained("openai/whisper-base")
+    waves, labels, speakers = emodb_data()
+    cache = Path(args.cache) / "emodb_whisper_base_own_frames.npy"
+    if cache.is_file():
+        layers = np.load(cache)
+        figures["emodb/own_frames_cpu_seconds"] = "cached"
+    else:
+        layers, seconds = whisper_pooled(encoder, extractor, waves, own=True)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache, layers)
+        figures["emodb/own_frames_cpu_seconds"] = round(seconds, 1)
+    figures["emodb/clips"] = len(waves)
+    figures["emodb/speakers"] = len(set(speakers.tolist()))
+    figures["emodb/mean_clip_seconds"] = round(float(np.mean([len(w) for w in waves])) / 16000, 2)
+    probe, chosen = loso_probe(layers.reshape(len(layers), -1), labels, speakers)
+    figures.update({f"emodb/probe_own_frames/{k}": round(v, 4) for k, v in probe.items()})
+    figures["emodb/probe_own_frames/C_per_fold"] = chosen
+    test, validation, epochs = loso_head(layers, labels, speakers)
+    figures.update({f"emodb/ours_layer_weights_head/{k}": round(v, 4) for k, v in test.items()})
+    figures.update({f"emodb/ours_layer_weights_head/validation_{k}": round(v, 4) for k, v in validation.items()})
+    figures["emodb/ours_layer_weights_head/best_epochs"] = epochs
+    figures["emodb/ours_minus_probe_weighted_f1"] = round(test["weighted_f1"] - probe["weighted_f1"], 4)
+
+    if args.padded_clips:
+        subset = np.random.default_rng(0).choice(len(waves), size=min(args.padded_clips, len(waves)), replace=False)
+        own, own_seconds = whisper_pooled(encoder, extractor, [waves[i] for i in subset], own=True)
+        padded, padded_seconds = whisper_pooled(encoder, extractor, [waves[i] for i in subset], own=False)
+        difference = np.abs(own - padded)
+        figures["emodb/own_vs_padded/clips"] = len(subset)
+        figures["emodb/own_vs_padded/max_abs_difference"] = float(difference.max())
+        figures["emodb/own_vs_padded/max_relative_difference"] = float((difference.max(-1) / np.abs(padded).max(-1)).max())
+        figures["emodb/own_vs_padded/mean_cosine"] = float(np.mean(
+            (own * padded).sum(-1) / (np.linalg.norm(own, axis=-1) * np.linalg.norm(padded, axis=-1))))
+        figures["emodb/own_vs_padded/cpu_seconds_own"] = round(own_seconds, 2)
+        figures["emodb/own_vs_padded/cpu_seconds_padded"] = round(padded_seconds, 2)
+        figures["emodb/own_vs_padded/speedup"] = round(padded_seconds / own_seconds, 2)
+    return figures
+
+
+# ------------------------------------------------------------------------------------------------------- text
+
+
+def minilm_embeddings(texts, batch_size=64):
+    from transformers import AutoModel, AutoTokenizer
+
+    name = "sentence-transformers/all-MiniLM-L6-v2"
+    tokenizer, model = AutoTokenizer.from_pretrained(name), AutoModel.from_pretrained(name).eval()
+    order = np.argsort([len(t) for t in texts])
+    out = np.zeros((len(texts), model.config.hidden_size), np.float32)
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            rows = order[start:start + batch_size]
+            batch = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=128,
+                              return_tensors="pt")
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            out[rows] = ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+    return out
+
+
+def task_text(name: str, args) -> dict:
+    from merits import data as loaders
+
+    torch.set_num_threads(args.threads)
+    folder = shared_data() / name
+    dsd = loaders.load_meld(folder, label="emotion", with_audio=False) if name == "meld" else \
+        loaders.load_mosi(folder, with_audio=False)
+    train, dev = dsd["train"], dsd["validation"]
+    start = time.process_time()
+    x_train, x_dev = minilm_embeddings(train["text"]), minilm_embeddings(dev["text"])
+    seconds = time.process_time() - start
+    y_train, y_dev = np.array(train["label"]), np.array(dev["label"])
+    results = {C: scores(y_dev, logreg(C).fit(x_train, y_train).predict(x_dev)) for C in C_GRID}
+    best = max(C_GRID, key=lambda C: results[C]["weighted_f1"])
+    return {f"{name}/frozen_minilm_logreg/dev_weighted_f1": round(results[best]["weighted_f1"], 4),
+            f"{name}/frozen_minilm_logreg/dev_accuracy": round(results[best]["accuracy"], 4),
+            f"{name}/frozen_minilm_logreg/C": best, f"{name}/embedding_cpu_seconds": round(seconds, 1),
+            f"{name}/train_utterances": len(train), f"{name}/dev_utterances": len(dev)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="emodb,mosi,meld")
+    parser.add_argument("--padded_clips", type=int, default=40, help="clips for the own-frames vs 30 s comparison")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "merits-offline" / "bench"))
+    parser.add_argument("--load_note", default="", help="how loaded the machine was (recorded in the notes)")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    figures = {}
+    for task in args.tasks.split(","):
+        figures.update(task_emodb(args) if task == "emodb" else task_text(task, args))
+    load = os.getloadavg()
+    notes = (f"load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} on {os.cpu_count()} cores; "
+             f"{args.load_note}").strip("; ")
+    record("real_models_" + args.tasks.replace(",", "_"), figures, notes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""The Whisper encoder as a frozen speech backbone on each clip's own frames (merits/whisper_encoder_merits.py),
+and the real-model configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from _tiny import tiny_whisper_config
+
+from merits.whisper_encoder_merits import whisper_encoder_own_frames
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _encoder(**kwargs):
+    from transformers import WhisperModel
+
+    torch.manual_seed(0)
+    return WhisperModel(tiny_whisper_config(**kwargs)).get_encoder().eval()
+
+
+def test_full_window_equals_transformers_encoder():
+    encoder = _encoder()
+    features = torch.randn(2, 8, 40)  # 2 x max_source_positions mel frames: the window transformers insists on
+    with torch.no_grad():
+        reference = encoder(features, output_hidden_states=True)
+        states, mask = whisper_encoder_own_frames(encoder, features)
+    assert mask.all() and len(states) == len(reference.hidden_states) == 3
+    for ours, theirs in zip(states, reference.hidden_states):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    torch.testing.assert_close(states[-1], reference.last_hidden_state, rtol=0, atol=0)
+
+
+def test_padded_batch_equals_each_clip_alone():
+    """Clips of 13, 20 and 8 mel frames in one batch padded to the 40-frame window: every real frame of every layer
+    has the value of that clip run alone on its own frames; padding never reaches them."""
+    encoder = _encoder()
+    lengths = [13, 20, 8]
+    features = torch.zeros(3, 8, 40)
+    mask = torch.zeros(3, 40, dtype=torch.long)
+    for i, length in enumerate(lengths):
+        features[i, :, :length] = torch.randn(8, length)
+        features[i, :, length:] = 5.0  # garbage in the padding: must not matter
+        mask[i, :length] = 1
+    with torch.no_grad():
+        states, frame_mask = whisper_encoder_own_frames(encoder, features, mask)
+        assert states[0].shape[1] == 10  # trimmed to the longest clip (20 mel frames -> 10 encoder frames)
+        for i, length in enumerate(lengths):
+            alone, alone_mask = whisper_encoder_own_frames(encoder, features[i:i + 1, :, :length])
+            frames = alone[0].shape[1]
+            assert frames == (length + 1) // 2 == int(frame_mask[i].sum())
+            for batched, single in zip(states, alone):
+                torch.testing.assert_close(batched[i, :frames], single[0], rtol=1e-5, atol=1e-5)
+
+
+def test_short_clip_differs_from_its_30s_padded_run():
+    """Own frames are not the 30 s-padded embeddings (the padded frames take part in every attention there)."""
+    encoder = _encoder()
+    features = torch.zeros(1, 8, 40)
+    features[0, :, :12] = torch.randn(8, 12)
+    with torch.no_grad():
+        own, _ = whisper_encoder_own_frames(encoder, features[..., :12])
+        padded = encoder(features).last_hidden_state[:, :6]
+    assert (own[-1] - padded).abs().max() > 1e-3
+
+
+def test_speech_encoder_pools_whisper_over_own_frames():
+    """MeritsSpeechEncoder with a Whisper backbone: a clip's pooled vector does not depend on its batch mates or on
+    the 30 s padding the processor adds."""
+    from merits import MeritsConfig, MeritsForConversationClassification
+
+    config = MeritsConfig(architecture="merits-l", audio_config=tiny_whisper_config(), id2label={0: "a", 1: "b"},
+                          speech_head_hidden_sizes=[6])
+    model = MeritsForConversationClassification(config).eval()
+    speech = model.speech_encoder
+    torch.nn.init.normal_(speech.layer_weights)
+    features = torch.randn(2, 8, 40)
+    mask = torch.zeros(2, 40, dtype=torch.long)
+    mask[0, :14], mask[1, :30] = 1, 1
+    with torch.no_grad():
+        both = speech.pool_backbone(input_features=features, audio_attention_mask=mask)
+        first = speech.pool_backbone(input_features=features[:1, :, :14], audio_attention_mask=mask[:1, :14])
+    torch.testing.assert_close(both[0], first[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mosi_minilm_cpu", "meld_minilm_cpu"])
+def test_minilm_configs_name_real_hub_ids(name):
+    config = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    assert config["text_model_name_or_path"] == config["tokenizer_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert config["modalities"] == ["text"] and config["stages"] == ["utterance", "context"]
+    assert config["model"]["text_pooling"] == "mean"  # how all-MiniLM-L6-v2 was trained
