@@ -31,7 +31,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .llm import (
+    CALIBRATIONS,
+    DECODINGS,
+    DEFAULT_CALIBRATION,
+    DEFAULT_DECODING,
     DEFAULT_SYSTEM_PROMPT,
+    DEFAULT_TOP_LOGPROBS,
     DEFAULT_USER_TEMPLATE,
     SENTIMENT_LABELS,
     InProcessVLLMLabeller,
@@ -40,6 +45,8 @@ from .llm import (
     OpenAICompatibleLabeller,
     PromptTemplate,
     RetryPolicy,
+    mean_calibrated_labels,
+    read_few_shot_csv,
 )
 from .oracle import ORACLE_LABELS, oracle_agreement
 from .writer import Journal, JournalError, check_run_metadata
@@ -253,6 +260,8 @@ def label_rows(labeller, rows: list[dict], journal: Journal, progress_every: int
 
     def on_result(row_id: str, result: LabelResult) -> None:
         record = {"id": row_id, "reply": result.reply, "label": result.label, "error": result.error}
+        if result.scores is not None:
+            record["scores"] = result.scores
         journal.append(record)
         done[row_id] = record
         counter["n"] += 1
@@ -284,6 +293,9 @@ def build_dataset(rows: list[dict], labels: dict[str, dict], llm_name: str, prom
             "prompt_hash": prompt_hash,
             "llm_error": entry.get("error"),
         }
+        if "scores" in entry:  # decoding=logprobs: the raw label log-probabilities, in OUTPUT_LABELS order
+            scores = entry.get("scores")
+            out["llm_logprobs"] = [scores[name] for name in OUTPUT_LABELS] if scores else None
         out.update({key: value for key, value in row.items() if key not in out and key != "audio"})
         records.append(out)
     dataset = datasets.Dataset.from_list(records)
@@ -334,6 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--no-structured-outputs", action="store_true",
                      help="do not send vLLM's structured_outputs choice constraint (for servers that reject it)")
     llm.add_argument("--inprocess-batch-size", type=int, default=64)
+    llm.add_argument("--decoding", choices=DECODINGS, default=DEFAULT_DECODING,
+                     help="logprobs: score the three labels by their log-probability at the reply's first position "
+                          "(vLLM logprobs/top_logprobs) and take the calibrated argmax; choice: generate the reply under "
+                          "the choice constraint and parse it (the paper's route). Default: %(default)s (measured on "
+                          "MELD train, README 'Real pseudo-labels')")
+    llm.add_argument("--calibration", choices=CALIBRATIONS, default=None,
+                     help="with --decoding logprobs: subtract each label's mean log-probability over the labelled rows "
+                          "(mean), the probabilities of content-free inputs (content-free), or nothing (none); "
+                          f"default {DEFAULT_CALIBRATION} with logprobs, none with choice")
+    llm.add_argument("--top-logprobs", type=int, default=DEFAULT_TOP_LOGPROBS,
+                     help="top_logprobs asked for with --decoding logprobs (at most the server's --max-logprobs, 20)")
+    llm.add_argument("--few-shot-file", help="a CSV with columns text,label: example turns sent before each transcript")
 
     asr = parser.add_argument_group("ASR (with --audio)")
     asr.add_argument("--whisper-model", default="large-v3", help="a Whisper name or a local checkpoint file")
@@ -357,14 +381,22 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     journal_dir = out / "journal"
     system = Path(args.system_prompt_file).read_text(encoding="utf-8").strip() if args.system_prompt_file else args.system_prompt
-    prompt = PromptTemplate(
-        system=system,
-        user=args.user_template,
-        labels=SENTIMENT_LABELS,
-        temperature=args.temperature,
-        max_tokens=args.max_tokens,
-        structured_outputs=not args.no_structured_outputs,
-    )
+    calibration = args.calibration or (DEFAULT_CALIBRATION if args.decoding == "logprobs" else "none")
+    try:
+        prompt = PromptTemplate(
+            system=system,
+            user=args.user_template,
+            labels=SENTIMENT_LABELS,
+            temperature=args.temperature,
+            max_tokens=args.max_tokens,
+            structured_outputs=not args.no_structured_outputs,
+            few_shot=read_few_shot_csv(args.few_shot_file) if args.few_shot_file else (),
+            decoding=args.decoding,
+            calibration=calibration,
+            top_logprobs=args.top_logprobs,
+        )
+    except ValueError as error:
+        raise InputError(str(error)) from None
 
     # 1. inputs
     if args.transcripts:
@@ -416,7 +448,19 @@ def run(args: argparse.Namespace) -> dict:
     # 5. labels
     if args.engine == "inprocess":
         labeller = InProcessVLLMLabeller(args.llm_model, prompt=prompt, batch_size=args.inprocess_batch_size)
+    started, before = time.monotonic(), len(Journal(journal_dir / "labels.jsonl").load())
     labels = label_rows(labeller, rows, Journal(journal_dir / "labels.jsonl"))
+    labelled_now = len(labels) - before
+    rate = labelled_now / (time.monotonic() - started) if labelled_now else None
+    prior = getattr(labeller, "prior", None)
+    if prompt.calibration == "mean":
+        # the prior is each label's mean raw log-probability over all rows of this run: applied once every row
+        # is scored (the journal keeps the raw scores, so a resumed run gives the same labels)
+        calibrated, prior = mean_calibrated_labels([labels[row["id"]].get("scores") for row in rows], prompt.labels)
+        labels = dict(labels)
+        for row, label in zip(rows, calibrated):
+            if label is not None:
+                labels[row["id"]] = {**labels[row["id"]], "label": label}
 
     # 6. the dataset, in input order
     dataset = build_dataset(rows, labels, labeller.name, prompt.hash())
@@ -426,7 +470,13 @@ def run(args: argparse.Namespace) -> dict:
         key = entry.get("label") or ("failed" if entry.get("error") else "unparsed")
         counts[key] += 1
     summary: dict[str, Any] = {"rows": len(rows), "counts": counts, "llm_model": labeller.name,
-                               "prompt_hash": prompt.hash(), "max_tokens": labeller.max_tokens}
+                               "prompt_hash": prompt.hash(), "max_tokens": labeller.max_tokens,
+                               "decoding": prompt.decoding, "calibration": prompt.calibration}
+    if prior is not None:
+        summary["prior"] = prior
+    if rate is not None:
+        summary["rows_per_second"] = rate
+        summary["rows_labelled_in_this_run"] = labelled_now
     log(f"wrote {len(rows)} rows to {out}: {json.dumps(counts)}")
     if counts["failed"]:
         log(f"{counts['failed']} row(s) failed (see the llm_error column); rerun to try them again")
