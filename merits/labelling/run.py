@@ -13,6 +13,10 @@ Output directory layout::
     OUT/journal/transcripts.jsonl  one line per transcribed clip, appended as they are made
     OUT/journal/labels.jsonl   one line per labelled row, appended as replies arrive
 
+With ``--decoding logprobs`` (the default) each journal line also holds the three labels' raw
+log-probabilities, and ``--calibration mean`` (the default) relabels every row once all are scored, from
+those stored scores, so a resumed run gives the same labels as an unbroken one.
+
 A rerun of the same command skips every row already in the journals (after a kill, a crash of the
 LLM server or a finished run) and rebuilds the dataset in input order, so the result is identical to
 an unbroken run.
@@ -54,6 +58,8 @@ from .writer import Journal, JournalError, check_run_metadata
 #: Label ids of the output ``ClassLabel`` (alphabetical); -1 marks an unparseable reply or a failed row.
 OUTPUT_LABELS: tuple[str, ...] = ORACLE_LABELS
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64")
+#: Below this many scored rows ``--calibration mean`` warns (its prior is an average over the rows).
+MIN_MEAN_CALIBRATION_ROWS = 50
 RESERVED_COLUMNS = ("id", "text", "label", "llm_reply", "llm_model", "prompt_hash", "llm_error", "language")
 
 
@@ -456,7 +462,11 @@ def run(args: argparse.Namespace) -> dict:
     if prompt.calibration == "mean":
         # the prior is each label's mean raw log-probability over all rows of this run: applied once every row
         # is scored (the journal keeps the raw scores, so a resumed run gives the same labels)
-        calibrated, prior = mean_calibrated_labels([labels[row["id"]].get("scores") for row in rows], prompt.labels)
+        scored = [labels[row["id"]].get("scores") for row in rows]
+        if sum(score is not None for score in scored) < MIN_MEAN_CALIBRATION_ROWS:
+            log(f"--calibration mean estimates the label prior from only {sum(s is not None for s in scored)} scored "
+                f"rows (fewer than {MIN_MEAN_CALIBRATION_ROWS}): noisy; --calibration content-free needs no rows")
+        calibrated, prior = mean_calibrated_labels(scored, prompt.labels)
         labels = dict(labels)
         for row, label in zip(rows, calibrated):
             if label is not None:
