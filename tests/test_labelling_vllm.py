@@ -101,7 +101,10 @@ ROWS = 240
 
 
 def _common_args(csv_path: Path, url: str) -> list:
-    return ["--transcripts", csv_path, "--llm-url", url, "--llm-model", "tiny-llama", "--valence-column", "valence"]
+    # these tests exercise the choice-constrained reply (the paper's route); --decoding logprobs, the default, is
+    # tested on the real model in tests/test_real_labeller.py
+    return ["--transcripts", csv_path, "--llm-url", url, "--llm-model", "tiny-llama", "--valence-column", "valence",
+            "--decoding", "choice"]
 
 
 @pytest.fixture(scope="session")
@@ -133,7 +136,7 @@ def test_unbroken_run_every_reply_parses(reference, vllm_server, tmp_path, run_c
     # the documented GPT-style budget of 4, given explicitly, does cut this model's spelled-out replies
     csv_path = write_csv(tmp_path / "few.csv", 20)
     cut = run_cli("--transcripts", csv_path, "--llm-url", vllm_server.url, "--llm-model", "tiny-llama",
-                  "--out", tmp_path / "cut", "--max-tokens", "4")
+                  "--out", tmp_path / "cut", "--max-tokens", "4", "--decoding", "choice")
     assert cut.returncode == 0, cut.stderr
     cut_summary = json.loads((tmp_path / "cut" / "journal" / "summary.json").read_text())
     assert cut_summary["max_tokens"] == 4 and cut_summary["counts"]["unparsed"] > 0, cut_summary
@@ -236,7 +239,7 @@ def test_inprocess_engine_command(reference, tiny_llama_dir, tmp_path):
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING")
     result = subprocess.run(
         [str(python), str(REPO / "label_with_llm.py"), "--engine", "inprocess", "--transcripts", str(csv_path),
-         "--out", str(out), "--llm-model", str(tiny_llama_dir), "--inprocess-batch-size", "5"],
+         "--out", str(out), "--llm-model", str(tiny_llama_dir), "--inprocess-batch-size", "5", "--decoding", "choice"],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -267,7 +270,8 @@ def test_audio_folder_whisper_then_llm(vllm_server, tmp_path, run_cli):
         soundfile.write(audio_dir / "spk1" / f"clip{i}.wav", synth_speechlike(0.6 + 0.2 * i, 22050, i), 22050)
     checkpoint = save_tiny_whisper(tmp_path / "whisper-tiny-random.pt")
     args = ["--audio", audio_dir, "--out", tmp_path / "out", "--llm-url", vllm_server.url, "--llm-model", "tiny-llama",
-            "--whisper-model", checkpoint, "--language", "en", "--asr-batch-size", "2", "--asr-max-tokens", "8"]
+            "--whisper-model", checkpoint, "--language", "en", "--asr-batch-size", "2", "--asr-max-tokens", "8",
+            "--decoding", "choice"]
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr
     dataset = load(tmp_path / "out")

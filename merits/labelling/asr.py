@@ -19,6 +19,27 @@ SAMPLING_RATE = 16000
 WINDOW_SAMPLES = 30 * SAMPLING_RATE
 
 
+def normalise_words(text: str) -> list[str]:
+    """Lower-cased words without punctuation (apostrophes inside words kept): the WER tokenisation."""
+    import re
+
+    return re.findall(r"[\w]+(?:'[\w]+)*", text.lower())
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """(substitutions + deletions + insertions) / reference words, on :func:`normalise_words` tokens."""
+    ref, hyp = normalise_words(reference), normalise_words(hypothesis)
+    if not ref:
+        raise ValueError("empty reference transcript")
+    previous = list(range(len(hyp) + 1))
+    for i, word in enumerate(ref, start=1):
+        current = [i] + [0] * len(hyp)
+        for j, other in enumerate(hyp, start=1):
+            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (word != other))
+        previous = current
+    return previous[-1] / len(ref)
+
+
 class ASRError(RuntimeError):
     """Whisper cannot be loaded or run; the message says which model or file."""
 

@@ -14,6 +14,18 @@ The reply budget (``max_tokens``) never cuts a constrained label: by default it 
 counts from vLLM's ``/tokenize`` when available, + 1 for EOS; 16 when the tokenizer cannot be asked);
 the paper reproducer's 4 tokens is the default only without the constraint (GPT-style endpoints).
 
+Two decodings (:attr:`PromptTemplate.decoding`):
+
+- ``"choice"``: the reply is generated under the choice constraint and parsed (the paper's route).
+- ``"logprobs"``: one token is generated with ``logprobs``/``top_logprobs`` (OpenAI fields, served by vLLM as
+  the *raw* model distribution), each label is scored by the log-probability of its word at the reply's first
+  position (:func:`label_scores_from_top_logprobs`), and the label is the argmax after subtracting a log-prior
+  (:attr:`PromptTemplate.calibration`): ``"mean"`` = each label's mean log-probability over the labelled rows
+  (applied once all rows are scored, :func:`mean_calibrated_labels`), ``"content-free"`` = the label
+  probabilities the prompt gives content-free inputs (Zhao et al. 2021, "Calibrate before use";
+  :data:`CONTENT_FREE_INPUTS`), ``"none"``. A small instruct model's bias towards one label (SmolLM2-135M
+  never answers ``neutral`` under the paper's prompt) is what the calibration removes.
+
 Both return :class:`LabelResult` objects; :func:`parse_label` maps a reply to a label defensively
 (papers.md §6 #4: the first label word the reply contains), and an unparseable reply is kept with
 ``label=None`` so that it is recorded, never silently lost.
@@ -24,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -46,6 +59,18 @@ DEFAULT_USER_TEMPLATE = "[sentence]: {text}"
 UNCONSTRAINED_MAX_TOKENS = 4
 #: The choice-constrained budget when the served tokenizer cannot be asked (no ``/tokenize`` endpoint).
 FALLBACK_CHOICE_MAX_TOKENS = 16
+
+#: ``choice``: a constrained reply, parsed; ``logprobs``: the labels scored by their first-position log-probability.
+DECODINGS: tuple[str, ...] = ("choice", "logprobs")
+#: How the log-probability scores are calibrated before the argmax (``decoding="logprobs"`` only).
+CALIBRATIONS: tuple[str, ...] = ("none", "mean", "content-free")
+#: Content-free inputs of contextual calibration (Zhao et al. 2021): their mean label probabilities are the prior.
+CONTENT_FREE_INPUTS: tuple[str, ...] = ("N/A", "", "[MASK]")
+#: ``top_logprobs`` asked for: vLLM's default ``--max-logprobs`` (20) is the most a stock server returns.
+DEFAULT_TOP_LOGPROBS = 20
+#: ``label_with_llm.py``'s defaults (the winner of the prompt / decoding comparison on MELD train, README).
+DEFAULT_DECODING = "logprobs"
+DEFAULT_CALIBRATION = "mean"
 
 
 def choice_token_budget(labels: Sequence[str], token_counts: dict[str, int] | None = None) -> int:
@@ -87,8 +112,25 @@ class PromptTemplate:
     temperature: float = 0.0
     max_tokens: int | None = None
     structured_outputs: bool = True
+    #: example ``(text, label)`` pairs, sent as user / assistant turns before the transcript (few-shot)
+    few_shot: tuple[tuple[str, str], ...] = ()
+    decoding: str = "choice"
+    calibration: str = "none"
+    top_logprobs: int = DEFAULT_TOP_LOGPROBS
 
     def __post_init__(self):
+        if self.decoding not in DECODINGS:
+            raise ValueError(f"decoding must be one of {DECODINGS}, got {self.decoding!r}")
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
+        if self.calibration != "none" and self.decoding != "logprobs":
+            raise ValueError(f"calibration {self.calibration!r} needs decoding='logprobs' (it calibrates label scores)")
+        if not 1 <= self.top_logprobs <= 20:
+            raise ValueError(f"top_logprobs must be in 1..20 (vLLM's default --max-logprobs), got {self.top_logprobs}")
+        object.__setattr__(self, "few_shot", tuple((str(text), str(label)) for text, label in self.few_shot))
+        for text, label in self.few_shot:
+            if label not in self.labels:
+                raise ValueError(f"few-shot example {text!r} has label {label!r}, not one of {self.labels}")
         if "{text}" not in self.user:
             raise ValueError(f"the user template must contain '{{text}}', got {self.user!r}")
         if len(set(self.labels)) != len(self.labels) or not self.labels:
@@ -100,32 +142,62 @@ class PromptTemplate:
         """The budget actually requested: ``max_tokens`` if set, else the default of the mode (see the class)."""
         if self.max_tokens is not None:
             return self.max_tokens
+        if self.decoding == "logprobs":
+            return 1
         if self.structured_outputs:
             return choice_token_budget(self.labels, token_counts)
         return UNCONSTRAINED_MAX_TOKENS
 
     def messages(self, text: str) -> list[dict[str, str]]:
-        """Chat messages for one transcript: the system prompt, then ``[sentence]: <text>``."""
+        """Chat messages for one transcript: the system prompt, the few-shot turns, then ``[sentence]: <text>``."""
         messages = []
         if self.system:
             messages.append({"role": "system", "content": self.system})
+        for example, label in self.few_shot:
+            messages.append({"role": "user", "content": self.user.replace("{text}", example)})
+            messages.append({"role": "assistant", "content": label})
         messages.append({"role": "user", "content": self.user.replace("{text}", text)})
         return messages
 
     def hash(self) -> str:
-        """A short sha256 of the prompt, label set and decoding settings (stored with every label)."""
-        payload = json.dumps(
-            {
-                "system": self.system,
-                "user": self.user,
-                "labels": list(self.labels),
-                "temperature": self.temperature,
-                "max_tokens": self.max_tokens,
-                "structured_outputs": self.structured_outputs,
-            },
-            sort_keys=True,
-        )
+        """A short sha256 of the prompt, label set and decoding settings (stored with every label).
+
+        Settings added later (few-shot, decoding, calibration, top_logprobs) enter only when they differ
+        from their defaults, so the hash of a plain choice-decoded prompt, and the journals keyed by it,
+        stay as they were.
+        """
+        settings = {
+            "system": self.system,
+            "user": self.user,
+            "labels": list(self.labels),
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "structured_outputs": self.structured_outputs,
+        }
+        if self.few_shot:
+            settings["few_shot"] = [list(pair) for pair in self.few_shot]
+        if self.decoding != "choice":
+            settings.update(decoding=self.decoding, calibration=self.calibration, top_logprobs=self.top_logprobs)
+        payload = json.dumps(settings, sort_keys=True)
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def read_few_shot_csv(path) -> tuple[tuple[str, str], ...]:
+    """Few-shot examples from a CSV with columns ``text`` and ``label`` (one of the sentiment labels)."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: a few-shot CSV needs columns text and label, has {reader.fieldnames}")
+        pairs = []
+        for line, row in enumerate(reader, start=2):
+            if row["label"] not in SENTIMENT_LABELS:
+                raise ValueError(f"{path}, line {line}: label {row['label']!r} is not one of {SENTIMENT_LABELS}")
+            pairs.append((row["text"], row["label"]))
+    if not pairs:
+        raise ValueError(f"{path}: no few-shot examples")
+    return tuple(pairs)
 
 
 def parse_label(reply: str | None, labels: Sequence[str] = SENTIMENT_LABELS) -> str | None:
@@ -157,6 +229,108 @@ class LabelResult:
     reply: str | None
     label: str | None
     error: str | None = None
+    #: ``decoding="logprobs"``: each label's raw log-probability (before calibration)
+    scores: dict[str, float] | None = None
+
+
+def label_surface_forms(label: str) -> tuple[str, ...]:
+    """The spellings a chat model starts a one-word label reply with: ``neutral``, ``Neutral``, with or without a space.
+
+    Upper case is left out: its first tokens are generic (``N``, ``NE``, ``POS`` in SmolLM2's vocabulary).
+    """
+    forms = []
+    for word in (label.lower(), label.capitalize()):
+        for form in (word, " " + word):
+            if form not in forms:
+                forms.append(form)
+    return tuple(forms)
+
+
+def first_token_map(first_tokens: dict[str, Iterable[str]]) -> dict[str, str]:
+    """token text -> label, from each label's canonical first tokens; a token two labels share is dropped."""
+    owners: dict[str, set[str]] = {}
+    for label, tokens in first_tokens.items():
+        for token in tokens:
+            owners.setdefault(token, set()).add(label)
+    return {token: next(iter(labels)) for token, labels in owners.items() if len(labels) == 1}
+
+
+def label_scores_from_top_logprobs(
+    entries: Sequence[dict], labels: Sequence[str] = SENTIMENT_LABELS, token_labels: dict[str, str] | None = None
+) -> tuple[dict[str, float], tuple[str, ...]]:
+    """Each label's log-probability at one position, from that position's ``top_logprobs`` entries.
+
+    ``entries`` are OpenAI ``{"token": str, "logprob": float}`` dicts. With ``token_labels`` (token text ->
+    label: the first token of each of :func:`label_surface_forms` under the served tokenizer, see
+    :func:`first_token_map`) a token counts for the label it starts, so SmolLM2's ``Ne`` (+ ``utral``) counts
+    for neutral. Without it, a token counts for a label when its text, stripped and lower-cased, is the label
+    or a prefix of it of at least 3 characters that starts no other label. A label's score is the log of the
+    summed probabilities of its tokens. A label none of whose tokens is among the entries gets the smallest
+    logprob returned (an upper bound on its own) and is named in the second element of the result.
+    """
+    if not entries:
+        raise ValueError("no top_logprobs entries (is logprobs enabled on the server?)")
+    lowered = [label.lower() for label in labels]
+    mass: dict[str, list[float]] = {label: [] for label in labels}
+    for entry in entries:
+        token = str(entry["token"])
+        if token_labels is not None:
+            label = token_labels.get(token)
+            if label in mass:
+                mass[label].append(float(entry["logprob"]))
+            continue
+        word = token.strip().lower()
+        matches = [label for label, low in zip(labels, lowered) if low == word or (len(word) >= 3 and low.startswith(word))]
+        if len(matches) == 1:
+            mass[matches[0]].append(float(entry["logprob"]))
+    floor = min(float(entry["logprob"]) for entry in entries)
+    scores, missing = {}, []
+    for label in labels:
+        if mass[label]:
+            top = max(mass[label])
+            scores[label] = top + math.log(sum(math.exp(value - top) for value in mass[label]))
+        else:
+            scores[label] = floor
+            missing.append(label)
+    return scores, tuple(missing)
+
+
+def decide_label(scores: dict[str, float], prior: dict[str, float] | None = None,
+                 labels: Sequence[str] = SENTIMENT_LABELS) -> str:
+    """The label with the highest ``score - prior`` (ties go to the earlier label in ``labels``)."""
+    prior = prior or {}
+    return max(labels, key=lambda label: (scores[label] - prior.get(label, 0.0), -labels.index(label)))
+
+
+def mean_log_prior(score_rows: Iterable[dict[str, float]], labels: Sequence[str] = SENTIMENT_LABELS) -> dict[str, float]:
+    """``calibration="mean"``: each label's mean raw log-probability over the scored rows."""
+    rows = [row for row in score_rows if row]
+    if not rows:
+        raise ValueError("no scored rows to estimate the label prior from")
+    return {label: sum(row[label] for row in rows) / len(rows) for label in labels}
+
+
+def content_free_log_prior(score_rows: Sequence[dict[str, float]], labels: Sequence[str] = SENTIMENT_LABELS) -> dict[str, float]:
+    """``calibration="content-free"``: log of the mean label distribution (renormalised over the labels)."""
+    if not score_rows:
+        raise ValueError("no content-free scores")
+    mean = {label: 0.0 for label in labels}
+    for row in score_rows:
+        top = max(row[label] for label in labels)
+        total = sum(math.exp(row[label] - top) for label in labels)
+        for label in labels:
+            mean[label] += math.exp(row[label] - top) / total / len(score_rows)
+    return {label: math.log(max(mean[label], 1e-12)) for label in labels}
+
+
+def mean_calibrated_labels(score_rows: Sequence[dict[str, float] | None],
+                           labels: Sequence[str] = SENTIMENT_LABELS) -> tuple[list[str | None], dict[str, float]]:
+    """``calibration="mean"`` over a finished run: the labels after subtracting :func:`mean_log_prior`.
+
+    Rows without scores (failed requests) stay ``None``. Returns the labels and the prior used.
+    """
+    prior = mean_log_prior([row for row in score_rows if row], labels)
+    return [decide_label(row, prior, labels) if row else None for row in score_rows], prior
 
 
 @dataclass
@@ -213,6 +387,12 @@ class OpenAICompatibleLabeller:
         #: the ``max_tokens`` sent; resolved by :meth:`resolve_max_tokens` (or at the start of labelling)
         self.max_tokens: int | None = self.prompt.max_tokens if self.prompt.max_tokens is not None else (
             None if self.prompt.structured_outputs else UNCONSTRAINED_MAX_TOKENS)
+        if self.prompt.decoding == "logprobs":
+            self.max_tokens = 1
+        #: the log-prior subtracted from the label scores (content-free calibration; set by resolve_prior)
+        self.prior: dict[str, float] | None = None
+        #: token text -> label for ``decoding="logprobs"`` (from the served tokenizer; set by resolve_label_tokens)
+        self.token_labels: dict[str, str] | None = None
 
     @property
     def name(self) -> str:
@@ -276,6 +456,11 @@ class OpenAICompatibleLabeller:
             "temperature": self.prompt.temperature,
             "max_tokens": self.max_tokens if self.max_tokens is not None else self.prompt.default_max_tokens(),
         }
+        if self.prompt.decoding == "logprobs":
+            # one token, the raw distribution's top entries at the reply's first position (no constraint:
+            # vLLM returns raw log-probabilities, which a choice constraint would not change)
+            body.update(max_tokens=1, logprobs=True, top_logprobs=self.prompt.top_logprobs)
+            return body
         if self.prompt.structured_outputs:
             # vLLM >= 0.11 structured outputs; the older "guided_choice" key is silently ignored by vLLM.
             body["structured_outputs"] = {"choice": list(self.prompt.labels)}
@@ -342,19 +527,83 @@ class OpenAICompatibleLabeller:
         if response.status_code != 200:
             raise _RowError(f"HTTP {response.status_code}: {response.text[:300]}")
         try:
-            content = response.json()["choices"][0]["message"]["content"]
+            choice = response.json()["choices"][0]
+            choice["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError) as error:
             kind = response.headers.get("content-type", "no content type")
             raise _RowError(f"malformed reply (HTTP {response.status_code}, {kind}; not an OpenAI chat completion: a "
                             f"proxy or web page at --llm-url?): {response.text[:300]}") from error
-        return content if content is not None else ""
+        return choice
+
+    def result_from_choice(self, choice: dict) -> LabelResult:
+        """A :class:`LabelResult` from one OpenAI ``choices[0]``: the parsed reply, or the scored labels."""
+        reply = choice["message"]["content"] or ""
+        if self.prompt.decoding != "logprobs":
+            return LabelResult(reply=reply, label=parse_label(reply, self.prompt.labels))
+        try:
+            entries = choice["logprobs"]["content"][0]["top_logprobs"]
+        except (KeyError, IndexError, TypeError) as error:
+            raise _RowError(f"the reply has no logprobs.content[0].top_logprobs (the server ignored logprobs?): "
+                            f"{json.dumps(choice)[:300]}") from error
+        try:
+            scores, _ = label_scores_from_top_logprobs(entries, self.prompt.labels, self.token_labels)
+        except (ValueError, KeyError, TypeError) as error:
+            raise _RowError(f"unusable top_logprobs: {json.dumps(entries)[:300]}") from error
+        return LabelResult(reply=reply, label=decide_label(scores, self.prior, self.prompt.labels), scores=scores)
+
+    async def resolve_label_tokens(self, client) -> dict[str, str] | None:
+        """The first token of every :func:`label_surface_forms` spelling under the served tokenizer (vLLM's
+        ``/tokenize`` + ``/detokenize``), as text -> label; ``None`` (the text rule) when the server has no such
+        endpoints."""
+        import httpx
+
+        if self.prompt.decoding != "logprobs" or self.token_labels is not None:
+            return self.token_labels
+        first: dict[str, set[str]] = {}
+        try:
+            for label in self.prompt.labels:
+                for form in label_surface_forms(label):
+                    response = await client.post(f"{self.server_root}/tokenize",
+                                                 json={"model": self.model, "prompt": form, "add_special_tokens": False})
+                    if response.status_code != 200:
+                        return None
+                    ids = response.json()["tokens"][:1]
+                    response = await client.post(f"{self.server_root}/detokenize", json={"model": self.model, "tokens": ids})
+                    if response.status_code != 200:
+                        return None
+                    first.setdefault(label, set()).add(response.json()["prompt"])
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
+        self.token_labels = first_token_map(first)
+        return self.token_labels
+
+    async def resolve_prior(self, client=None) -> dict[str, float] | None:
+        """``calibration="content-free"``: score :data:`CONTENT_FREE_INPUTS` once and fix :attr:`prior`."""
+        if self.prompt.calibration != "content-free" or self.prior is not None:
+            return self.prior
+        own_client = client is None
+        client = client or self._client()
+        try:
+            await self.resolve_label_tokens(client)
+            rows = []
+            for text in CONTENT_FREE_INPUTS:
+                result = await self.label_one(client, text)
+                if result.scores is None:
+                    raise LLMServerError(f"cannot score the content-free input {text!r}: {result.error}")
+                rows.append(result.scores)
+        finally:
+            if own_client:
+                await client.aclose()
+        self.prior = content_free_log_prior(rows, self.prompt.labels)
+        return self.prior
 
     async def label_one(self, client, text: str) -> LabelResult:
         """Label one transcript, retrying transient failures; :class:`LLMServerError` when retries run out."""
         body = self.request_body(text)
         for attempt in range(self.retry.max_retries + 1):
             try:
-                reply = await self._post(client, body)
+                choice = await self._post(client, body)
+                result = self.result_from_choice(choice)
             except _Retryable as error:
                 if attempt == self.retry.max_retries:
                     raise LLMServerError(
@@ -365,7 +614,7 @@ class OpenAICompatibleLabeller:
             except _RowError as error:
                 return LabelResult(reply=None, label=None, error=str(error))
             else:
-                return LabelResult(reply=reply, label=parse_label(reply, self.prompt.labels))
+                return result
         raise AssertionError("unreachable")
 
     async def label_stream(
@@ -386,6 +635,8 @@ class OpenAICompatibleLabeller:
             if check:
                 await self.check(client)
             await self.resolve_max_tokens(client)
+            await self.resolve_label_tokens(client)
+            await self.resolve_prior(client)
 
             async def worker():
                 while True:
@@ -417,6 +668,8 @@ class OpenAICompatibleLabeller:
             async with self._client() as client:
                 await self.check(client)
                 await self.resolve_max_tokens(client)
+                await self.resolve_label_tokens(client)
+                await self.resolve_prior(client)
 
         asyncio.run(check_and_resolve())
 
@@ -453,9 +706,40 @@ class InProcessVLLMLabeller:
         tokenizer = self._llm.get_tokenizer()
         counts = {label: len(tokenizer.encode(label, add_special_tokens=False)) for label in self.prompt.labels}
         self.max_tokens = self.prompt.default_max_tokens(counts)
-        self._sampling = SamplingParams(
-            temperature=self.prompt.temperature, max_tokens=self.max_tokens, structured_outputs=structured
-        )
+        self.prior: dict[str, float] | None = None
+        self.token_labels = first_token_map({
+            label: {tokenizer.decode(tokenizer.encode(form, add_special_tokens=False)[:1]) for form in label_surface_forms(label)}
+            for label in self.prompt.labels
+        })
+        if self.prompt.decoding == "logprobs":
+            self._sampling = SamplingParams(temperature=self.prompt.temperature, max_tokens=1,
+                                            logprobs=self.prompt.top_logprobs)
+            if self.prompt.calibration == "content-free":
+                rows = [result.scores for result in self._label_batch(list(CONTENT_FREE_INPUTS))]
+                self.prior = content_free_log_prior(rows, self.prompt.labels)
+        else:
+            self._sampling = SamplingParams(
+                temperature=self.prompt.temperature, max_tokens=self.max_tokens, structured_outputs=structured
+            )
+
+    def _label_batch(self, texts: list[str]) -> list[LabelResult]:
+        outputs = self._llm.chat([self.prompt.messages(text) for text in texts], self._sampling, use_tqdm=False)
+        results = []
+        for output in outputs:
+            completion = output.outputs[0] if output.outputs else None
+            reply = completion.text if completion else ""
+            if self.prompt.decoding != "logprobs":
+                results.append(LabelResult(reply=reply, label=parse_label(reply, self.prompt.labels)))
+                continue
+            if not completion or not completion.logprobs:
+                results.append(LabelResult(reply=reply, label=None, error="no logprobs in the engine output"))
+                continue
+            entries = [{"token": logprob.decoded_token or "", "logprob": logprob.logprob}
+                       for logprob in completion.logprobs[0].values()]
+            scores, _ = label_scores_from_top_logprobs(entries, self.prompt.labels, self.token_labels)
+            results.append(LabelResult(reply=reply, label=decide_label(scores, self.prior, self.prompt.labels),
+                                       scores=scores))
+        return results
 
     @property
     def name(self) -> str:
@@ -465,7 +749,5 @@ class InProcessVLLMLabeller:
         items = list(items)
         for start in range(0, len(items), self.batch_size):
             batch = items[start : start + self.batch_size]
-            outputs = self._llm.chat([self.prompt.messages(text) for _, text in batch], self._sampling, use_tqdm=False)
-            for (row_id, _), output in zip(batch, outputs):
-                reply = output.outputs[0].text if output.outputs else ""
-                on_result(row_id, LabelResult(reply=reply, label=parse_label(reply, self.prompt.labels)))
+            for (row_id, _), result in zip(batch, self._label_batch([text for _, text in batch])):
+                on_result(row_id, result)

@@ -13,6 +13,10 @@ Output directory layout::
     OUT/journal/transcripts.jsonl  one line per transcribed clip, appended as they are made
     OUT/journal/labels.jsonl   one line per labelled row, appended as replies arrive
 
+With ``--decoding logprobs`` (the default) each journal line also holds the three labels' raw
+log-probabilities, and ``--calibration mean`` (the default) relabels every row once all are scored, from
+those stored scores, so a resumed run gives the same labels as an unbroken one.
+
 A rerun of the same command skips every row already in the journals (after a kill, a crash of the
 LLM server or a finished run) and rebuilds the dataset in input order, so the result is identical to
 an unbroken run.
@@ -31,7 +35,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .llm import (
+    CALIBRATIONS,
+    DECODINGS,
+    DEFAULT_CALIBRATION,
+    DEFAULT_DECODING,
     DEFAULT_SYSTEM_PROMPT,
+    DEFAULT_TOP_LOGPROBS,
     DEFAULT_USER_TEMPLATE,
     SENTIMENT_LABELS,
     InProcessVLLMLabeller,
@@ -40,6 +49,8 @@ from .llm import (
     OpenAICompatibleLabeller,
     PromptTemplate,
     RetryPolicy,
+    mean_calibrated_labels,
+    read_few_shot_csv,
 )
 from .oracle import ORACLE_LABELS, oracle_agreement
 from .writer import Journal, JournalError, check_run_metadata
@@ -47,6 +58,8 @@ from .writer import Journal, JournalError, check_run_metadata
 #: Label ids of the output ``ClassLabel`` (alphabetical); -1 marks an unparseable reply or a failed row.
 OUTPUT_LABELS: tuple[str, ...] = ORACLE_LABELS
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64")
+#: Below this many scored rows ``--calibration mean`` warns (its prior is an average over the rows).
+MIN_MEAN_CALIBRATION_ROWS = 50
 RESERVED_COLUMNS = ("id", "text", "label", "llm_reply", "llm_model", "prompt_hash", "llm_error", "language")
 
 
@@ -272,6 +285,8 @@ def label_rows(labeller, rows: list[dict], journal: Journal, progress_every: int
         if error is None and result.label is None:
             error = f"the reply is not one of the labels {list(labeller_labels)}: {str(result.reply)[:80]!r}"
         record = {"id": row_id, "reply": result.reply, "label": result.label, "error": error}
+        if result.scores is not None:
+            record["scores"] = result.scores
         journal.append(record)
         done[row_id] = record
         counter["n"] += 1
@@ -324,6 +339,9 @@ def build_dataset(rows: list[dict], labels: dict[str, dict], llm_name: str, prom
             "prompt_hash": prompt_hash,
             "llm_error": entry.get("error"),
         }
+        if "scores" in entry:  # decoding=logprobs: the raw label log-probabilities, in OUTPUT_LABELS order
+            scores = entry.get("scores")
+            out["llm_logprobs"] = [scores[name] for name in OUTPUT_LABELS] if scores else None
         out.update({key: value for key, value in row.items() if key not in out and key != "audio"})
         records.append(out)
     dataset = datasets.Dataset.from_list(records)
@@ -380,6 +398,18 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--no-structured-outputs", action="store_true",
                      help="do not send vLLM's structured_outputs choice constraint (for servers that reject it)")
     llm.add_argument("--inprocess-batch-size", type=int, default=64)
+    llm.add_argument("--decoding", choices=DECODINGS, default=DEFAULT_DECODING,
+                     help="logprobs: score the three labels by their log-probability at the reply's first position "
+                          "(vLLM logprobs/top_logprobs) and take the calibrated argmax; choice: generate the reply under "
+                          "the choice constraint and parse it (the paper's route). Default: %(default)s (measured on "
+                          "MELD train, README 'Real pseudo-labels')")
+    llm.add_argument("--calibration", choices=CALIBRATIONS, default=None,
+                     help="with --decoding logprobs: subtract each label's mean log-probability over the labelled rows "
+                          "(mean), the probabilities of content-free inputs (content-free), or nothing (none); "
+                          f"default {DEFAULT_CALIBRATION} with logprobs, none with choice")
+    llm.add_argument("--top-logprobs", type=int, default=DEFAULT_TOP_LOGPROBS,
+                     help="top_logprobs asked for with --decoding logprobs (at most the server's --max-logprobs, 20)")
+    llm.add_argument("--few-shot-file", help="a CSV with columns text,label: example turns sent before each transcript")
 
     asr = parser.add_argument_group("ASR (with --audio)")
     asr.add_argument("--whisper-model", default="large-v3", help="a Whisper name or a local checkpoint file")
@@ -403,14 +433,22 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     journal_dir = out / "journal"
     system = Path(args.system_prompt_file).read_text(encoding="utf-8").strip() if args.system_prompt_file else args.system_prompt
-    prompt = PromptTemplate(
-        system=system,
-        user=args.user_template,
-        labels=SENTIMENT_LABELS,
-        temperature=args.temperature,
-        max_tokens=args.max_tokens,
-        structured_outputs=not args.no_structured_outputs,
-    )
+    calibration = args.calibration or (DEFAULT_CALIBRATION if args.decoding == "logprobs" else "none")
+    try:
+        prompt = PromptTemplate(
+            system=system,
+            user=args.user_template,
+            labels=SENTIMENT_LABELS,
+            temperature=args.temperature,
+            max_tokens=args.max_tokens,
+            structured_outputs=not args.no_structured_outputs,
+            few_shot=read_few_shot_csv(args.few_shot_file) if args.few_shot_file else (),
+            decoding=args.decoding,
+            calibration=calibration,
+            top_logprobs=args.top_logprobs,
+        )
+    except ValueError as error:
+        raise InputError(str(error)) from None
 
     # 1. inputs
     from merits.resume import fingerprint_path
@@ -467,7 +505,23 @@ def run(args: argparse.Namespace) -> dict:
     # 5. labels
     if args.engine == "inprocess":
         labeller = InProcessVLLMLabeller(args.llm_model, prompt=prompt, batch_size=args.inprocess_batch_size)
+    started, before = time.monotonic(), len(Journal(journal_dir / "labels.jsonl").load())
     labels = label_rows(labeller, rows, Journal(journal_dir / "labels.jsonl"))
+    labelled_now = len(labels) - before
+    rate = labelled_now / (time.monotonic() - started) if labelled_now else None
+    prior = getattr(labeller, "prior", None)
+    if prompt.calibration == "mean":
+        # the prior is each label's mean raw log-probability over all rows of this run: applied once every row
+        # is scored (the journal keeps the raw scores, so a resumed run gives the same labels)
+        scored = [labels[row["id"]].get("scores") for row in rows]
+        if sum(score is not None for score in scored) < MIN_MEAN_CALIBRATION_ROWS:
+            log(f"--calibration mean estimates the label prior from only {sum(s is not None for s in scored)} scored "
+                f"rows (fewer than {MIN_MEAN_CALIBRATION_ROWS}): noisy; --calibration content-free needs no rows")
+        calibrated, prior = mean_calibrated_labels(scored, prompt.labels)
+        labels = dict(labels)
+        for row, label in zip(rows, calibrated):
+            if label is not None:
+                labels[row["id"]] = {**labels[row["id"]], "label": label}
 
     # 6. the dataset, in input order
     dataset = build_dataset(rows, labels, labeller.name, prompt.hash())
@@ -485,8 +539,14 @@ def run(args: argparse.Namespace) -> dict:
                or (not error and entry.get("reply") is not None) else "failed")
         counts[key] += 1
     summary: dict[str, Any] = {"rows": len(rows), "counts": counts, "llm_model": labeller.name,
-                               "prompt_hash": prompt.hash(), "max_tokens": labeller.max_tokens}
+                               "prompt_hash": prompt.hash(), "max_tokens": labeller.max_tokens,
+                               "decoding": prompt.decoding, "calibration": prompt.calibration}
     summary["not_labelled"] = len(failed_ids)
+    if prior is not None:
+        summary["prior"] = prior
+    if rate is not None:
+        summary["rows_per_second"] = rate
+        summary["rows_labelled_in_this_run"] = labelled_now
     log(f"wrote {len(rows)} rows to {out}: {json.dumps(counts)}")
     if failed_ids:
         first = labels[failed_ids[0]]
