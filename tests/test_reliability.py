@@ -651,7 +651,9 @@ def label(server, csv_path, out, *extra):
     from merits.labelling.run import main
 
     return main(["--transcripts", str(csv_path), "--out", str(out), "--llm-url", server.url, "--llm-model", "m",
-                 "--max-retries", "1", "--retry-base-delay", "0.01", "--concurrency", "2", *extra])
+                 "--max-retries", "1", "--retry-base-delay", "0.01", "--concurrency", "2",
+                 # these fakes answer with text only (no log-probabilities): the reply-parsing route
+                 "--decoding", "choice", *extra])
 
 
 def write_csv(path, texts):

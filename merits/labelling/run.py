@@ -510,7 +510,9 @@ def run(args: argparse.Namespace) -> dict:
     labelled_now = len(labels) - before
     rate = labelled_now / (time.monotonic() - started) if labelled_now else None
     prior = getattr(labeller, "prior", None)
-    if prompt.calibration == "mean":
+    if prompt.calibration == "mean" and not any(labels[row["id"]].get("scores") for row in rows):
+        log("--calibration mean: no row was scored (every request failed?), so no label prior is applied")
+    elif prompt.calibration == "mean":
         # the prior is each label's mean raw log-probability over all rows of this run: applied once every row
         # is scored (the journal keeps the raw scores, so a resumed run gives the same labels)
         scored = [labels[row["id"]].get("scores") for row in rows]
