@@ -265,7 +265,7 @@ def _autocast(device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def section_moe_step(figures: dict, device, size: dict, budget: Budget) -> None:
+def section_moe_step(figures: dict, device, size: dict, budget: Budget, run_variants=None) -> None:
     import torch
 
     from bench.reference import mister_e as ref
@@ -302,11 +302,12 @@ def section_moe_step(figures: dict, device, size: dict, budget: Budget) -> None:
 
         return run_one
 
-    variants = [("ours/fp32", lambda: ours("auto", False)), ("reference/fp32", lambda: reference(False)),
-                ("ours/bf16", lambda: ours("auto", True)), ("reference/bf16", lambda: reference(True)),
+    auto = size.get("recurrence", "auto")  # bench/op_counts.py counts the GPU route ("cudnn") on a CPU
+    variants = [("ours/fp32", lambda: ours(auto, False)), ("reference/fp32", lambda: reference(False)),
+                ("ours/bf16", lambda: ours(auto, True)), ("reference/bf16", lambda: reference(True)),
                 ("ours_loop_recurrence/fp32", lambda: ours("loop", False)),
                 ("reference_cudnn_disabled/fp32", lambda: reference(False, cudnn=False))]
-    _run_variants(figures, variants, batches, device, size, budget, reserve=0.3 * budget.seconds)
+    (run_variants or _run_variants)(figures, variants, batches, device, size, budget, reserve=0.3 * budget.seconds)
     for precision in ("fp32", "bf16"):
         if f"ours/{precision}/utterances_per_second" in figures and f"reference/{precision}/utterances_per_second" in figures:
             figures[f"speedup_ours_vs_reference/{precision}"] = (figures[f"ours/{precision}/utterances_per_second"]
@@ -347,7 +348,7 @@ def _run_variants(figures, variants, batches, device, size, budget: Budget, rese
                 torch.cuda.empty_cache()
 
 
-def section_merits_l_steps(figures: dict, device, size: dict, budget: Budget) -> None:
+def section_merits_l_steps(figures: dict, device, size: dict, budget: Budget, run_variants=None) -> None:
     import torch
 
     from bench.reference import merits_l as ref
@@ -361,7 +362,7 @@ def section_merits_l_steps(figures: dict, device, size: dict, budget: Budget) ->
         config = MeritsConfig(architecture="merits-l", text_embed_dim=size["dim"], audio_embed_dim=size["dim"],
                               context_text_hidden_size=text_hidden, context_audio_hidden_size=audio_hidden,
                               fusion_hidden_size=size["fusion_dim"], stage=stage,
-                              id2label={i: f"class_{i}" for i in range(NUM_CLASSES)})
+                              recurrence=size.get("recurrence", "auto"), id2label={i: f"class_{i}" for i in range(NUM_CLASSES)})
         model = MeritsForConversationClassification(config).to(device).train()
         exported = {}
         if stage == "fusion":  # stage III trains on the stage II features exported once (§3.1), as the trainer does
@@ -403,7 +404,7 @@ def section_merits_l_steps(figures: dict, device, size: dict, budget: Budget) ->
         for precision, bf16 in (("fp32", False), ("bf16", True)):
             variants.append((f"{label}/ours/{precision}", lambda s=stage, x=bf16: ours(s, x)))
             variants.append((f"{label}/reference/{precision}", lambda s=stage, x=bf16: reference(s, x)))
-    _run_variants(figures, variants, batches, device, size, budget, reserve=0.15 * budget.seconds)
+    (run_variants or _run_variants)(figures, variants, batches, device, size, budget, reserve=0.15 * budget.seconds)
     for label in ("stage_ii", "stage_iii"):
         for precision in ("fp32", "bf16"):
             a, b = f"{label}/ours/{precision}/utterances_per_second", f"{label}/reference/{precision}/utterances_per_second"
