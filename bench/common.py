@@ -54,13 +54,16 @@ def command_line() -> str:
     return " ".join(["python"] + [shlex.quote(a) for a in sys.argv])
 
 
-def record(name: str, figures: dict[str, Any], notes: str = "", command: str | None = None) -> dict[str, Any]:
-    """Store one benchmark's figures in ``bench/results.json`` and refresh ``bench/RESULTS.md``."""
+def record(name: str, figures: dict[str, Any], notes: str = "", command: str | None = None,
+           machine: dict[str, Any] | None = None, date: str | None = None) -> dict[str, Any]:
+    """Store one benchmark's figures in ``bench/results.json`` and refresh ``bench/RESULTS.md``.
+
+    ``machine``/``date`` are for figures measured elsewhere (the device check's JSON from a GPU machine)."""
     entry = {
         "benchmark": name,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": date or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command or command_line(),
-        "machine": machine_info(),
+        "machine": machine or machine_info(),
         "figures": figures,
         "notes": notes,
     }

@@ -265,7 +265,7 @@ def _autocast(device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def section_moe_step(figures: dict, device, size: dict, budget: Budget) -> None:
+def section_moe_step(figures: dict, device, size: dict, budget: Budget, run_variants=None) -> None:
     import torch
 
     from bench.reference import mister_e as ref
@@ -302,15 +302,20 @@ def section_moe_step(figures: dict, device, size: dict, budget: Budget) -> None:
 
         return run_one
 
-    variants = [("ours/fp32", lambda: ours("auto", False)), ("reference/fp32", lambda: reference(False)),
-                ("ours/bf16", lambda: ours("auto", True)), ("reference/bf16", lambda: reference(True)),
+    auto = size.get("recurrence", "auto")  # bench/op_counts.py counts the GPU route ("cudnn") on a CPU
+    variants = [("ours/fp32", lambda: ours(auto, False)), ("reference/fp32", lambda: reference(False)),
+                ("ours/bf16", lambda: ours(auto, True)), ("reference/bf16", lambda: reference(True)),
                 ("ours_loop_recurrence/fp32", lambda: ours("loop", False)),
                 ("reference_cudnn_disabled/fp32", lambda: reference(False, cudnn=False))]
-    _run_variants(figures, variants, batches, device, size, budget, reserve=0.3 * budget.seconds)
+    (run_variants or _run_variants)(figures, variants, batches, device, size, budget, reserve=0.3 * budget.seconds)
     for precision in ("fp32", "bf16"):
         if f"ours/{precision}/utterances_per_second" in figures and f"reference/{precision}/utterances_per_second" in figures:
             figures[f"speedup_ours_vs_reference/{precision}"] = (figures[f"ours/{precision}/utterances_per_second"]
                                                                  / figures[f"reference/{precision}/utterances_per_second"])
+    if "ours/fp32/utterances_per_second" in figures and "reference_cudnn_disabled/fp32/utterances_per_second" in figures:
+        # the official train_moe.py sets torch.backends.cudnn.enabled = False: what its users run today
+        figures["speedup_ours_vs_reference_cudnn_disabled/fp32"] = (
+            figures["ours/fp32/utterances_per_second"] / figures["reference_cudnn_disabled/fp32/utterances_per_second"])
 
 
 def _run_variants(figures, variants, batches, device, size, budget: Budget, reserve: float) -> None:
@@ -343,7 +348,7 @@ def _run_variants(figures, variants, batches, device, size, budget: Budget, rese
                 torch.cuda.empty_cache()
 
 
-def section_merits_l_steps(figures: dict, device, size: dict, budget: Budget) -> None:
+def section_merits_l_steps(figures: dict, device, size: dict, budget: Budget, run_variants=None) -> None:
     import torch
 
     from bench.reference import merits_l as ref
@@ -357,7 +362,7 @@ def section_merits_l_steps(figures: dict, device, size: dict, budget: Budget) ->
         config = MeritsConfig(architecture="merits-l", text_embed_dim=size["dim"], audio_embed_dim=size["dim"],
                               context_text_hidden_size=text_hidden, context_audio_hidden_size=audio_hidden,
                               fusion_hidden_size=size["fusion_dim"], stage=stage,
-                              id2label={i: f"class_{i}" for i in range(NUM_CLASSES)})
+                              recurrence=size.get("recurrence", "auto"), id2label={i: f"class_{i}" for i in range(NUM_CLASSES)})
         model = MeritsForConversationClassification(config).to(device).train()
         exported = {}
         if stage == "fusion":  # stage III trains on the stage II features exported once (§3.1), as the trainer does
@@ -399,7 +404,7 @@ def section_merits_l_steps(figures: dict, device, size: dict, budget: Budget) ->
         for precision, bf16 in (("fp32", False), ("bf16", True)):
             variants.append((f"{label}/ours/{precision}", lambda s=stage, x=bf16: ours(s, x)))
             variants.append((f"{label}/reference/{precision}", lambda s=stage, x=bf16: reference(s, x)))
-    _run_variants(figures, variants, batches, device, size, budget, reserve=0.15 * budget.seconds)
+    (run_variants or _run_variants)(figures, variants, batches, device, size, budget, reserve=0.15 * budget.seconds)
     for label in ("stage_ii", "stage_iii"):
         for precision in ("fp32", "bf16"):
             a, b = f"{label}/ours/{precision}/utterances_per_second", f"{label}/reference/{precision}/utterances_per_second"
@@ -513,6 +518,45 @@ def section_extraction(figures: dict, device, size: dict, smoke: bool, budget: B
 # ------------------------------------------------------------------------------------------------------ main
 
 
+SECTIONS = ("environment", "matmul_peak", "model_tests", "moe_step", "merits_l_steps", "extraction", "host_tests")
+
+
+def record_json(path: Path) -> dict:
+    """Store a finished device check's figures (flattened as section/key) via bench/common.record."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from common import record
+
+    data = json.loads(path.read_text())
+    env = data["sections"].get("environment", {})
+    gpu = str(env.get("gpu") or data["meta"]["device"])
+    figures = {}
+    for section, values in data["sections"].items():
+        if section == "environment":
+            continue
+        for key, value in values.items():
+            if key.endswith(("output_tail", "traceback")):
+                continue  # long multi-line text: in the JSON itself
+            if isinstance(value, (int, float, str, bool)) or value is None:
+                figures[f"{section}/{key}"] = value
+            elif isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+                figures[f"{section}/{key}"] = ",".join(str(v) for v in value)
+    machine = {"gpu": gpu, "platform": f"{gpu}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}",
+               "cpu_count": env.get("cpu_count"), "torch": env.get("torch"),
+               "torch_threads": env.get("torch_threads"), "python": env.get("python"),
+               "transformers": env.get("transformers"), "accelerate": env.get("accelerate")}
+    name = "device_check_" + gpu.lower().replace("nvidia ", "").replace(" ", "_")
+    notes = (f"measured on {gpu} by `bash bench/device_check.sh` ({data['meta'].get('mode')}, "
+             f"{data['meta'].get('total_seconds')} s); errors: {', '.join(data['meta'].get('errors') or []) or 'none'}; "
+             f"source {path.name}")
+    moe = data["sections"].get("moe_step", {})
+    if "ours/fp32/utterances_per_second" in moe and "reference_cudnn_disabled/fp32/utterances_per_second" in moe:
+        figures.setdefault("moe_step/speedup_ours_vs_reference_cudnn_disabled/fp32",
+                           moe["ours/fp32/utterances_per_second"] / moe["reference_cudnn_disabled/fp32/utterances_per_second"])
+    command = " ".join(["bash bench/device_check.sh", *data["meta"].get("command", "").split()[1:]])
+    return record(name, figures, notes=notes, command=command, machine=machine,
+                  date=data["meta"].get("started_utc"))
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu-smoke", dest="cpu_smoke", action="store_true",
@@ -520,9 +564,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=None, help="the JSON path (default $OUT/device_check.json, else bench/out/)")
     parser.add_argument("--budget_seconds", type=float, default=None,
                         help="global time budget (default 360 on a GPU, 150 with --cpu-smoke)")
-    parser.add_argument("--sections",
-                        default="environment,matmul_peak,model_tests,moe_step,merits_l_steps,extraction,host_tests")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help="comma-separated subset, e.g. environment,moe_step,merits_l_steps")
+    parser.add_argument("--record", default=None, metavar="JSON",
+                        help="do not measure: store a device check JSON (e.g. from the GPU machine) in "
+                             "bench/results.json and bench/RESULTS.md as the entry device_check_<gpu>")
     args = parser.parse_args(argv)
+    unknown = set(args.sections.split(",")) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; valid: {', '.join(SECTIONS)}")
+    if args.record:
+        return record_json(Path(args.record))
 
     import torch
 

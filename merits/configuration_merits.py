@@ -200,6 +200,9 @@ class MeritsConfig(PretrainedConfig):
     """
 
     model_type = "merits"
+    # `MeritsConfig()` without a modality is an error (see __init__); transformers up to ~5.2x builds
+    # `self.__class__()` to diff against defaults (to_diff_dict / save_pretrained) unless this is set
+    has_no_defaults_at_init = True
 
     def __init__(
         self,

@@ -484,9 +484,25 @@ class MeritsTurnPlan:
     convolution over it equals a zero-padded convolution of each conversation alone.
     """
 
+    # where the index bookkeeping is computed: None = by device (on the host for any non-CPU mask: ONE host read of
+    # the mask instead of one per `int()` / `nonzero` / `.tolist()` below, then the indices are copied over without
+    # waiting); True forces the host route (bench/op_counts.py counts the GPU path on a CPU with it)
+    host_bookkeeping = None
+
     def __init__(self, turn_mask: torch.Tensor, gap: int = 0):
         turn_mask = turn_mask.bool()
         device = turn_mask.device
+        on_host = self.host_bookkeeping if self.host_bookkeeping is not None else device.type != "cpu"
+        if on_host and not getattr(turn_mask, "_merits_host_copy", False):
+            host_mask = turn_mask.cpu()
+            host_mask._merits_host_copy = True  # the nested plan below computes in place
+            host = MeritsTurnPlan(host_mask, gap=gap)
+            for name, value in host.__dict__.items():
+                if isinstance(value, torch.Tensor):
+                    value = value.to(device, non_blocking=True)
+                setattr(self, name, value)
+            self.turn_mask = turn_mask
+            return
         self.turn_mask = turn_mask
         self.batch_size, self.total_turns = turn_mask.shape
         lengths = turn_mask.sum(1)

@@ -141,3 +141,18 @@ def test_bf16_autocast_keeps_losses_and_gate_in_float32(architecture, stage):
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_turn_plan_on_device_equals_the_cpu_plan():
+    # on a GPU the plan's bookkeeping runs on the host (one read of the mask) and is copied over: same indices
+    from merits.modeling_merits import MeritsTurnPlan
+
+    turn_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    cpu = MeritsTurnPlan(turn_mask, gap=2)
+    there = MeritsTurnPlan(turn_mask.to(DEVICE), gap=2)
+    for name, value in cpu.__dict__.items():
+        other = getattr(there, name)
+        if isinstance(value, torch.Tensor):
+            assert other.device.type == DEVICE.type and torch.equal(other.cpu(), value), name
+        else:
+            assert other == value, name

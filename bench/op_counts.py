@@ -1,0 +1,172 @@
+"""Per-training-step operator and host-sync counts, ours vs the reference, on any device (a CPU here).
+
+A GPU step this small (the H200 device check: MoE 0.11 s, stage II 0.03 s) is bound by kernel launches and
+host-device round trips rather than FLOPs, and both are device-independent properties of the code: this counts,
+for ONE training step of each `bench/device_check.py` variant (the same models, batches and optimisers; the
+paper-size shapes of 8 conversations of 20-80 turns, with small widths since counts do not depend on them):
+
+- `ops`: ATen operators dispatched (each is at least one kernel launch on a GPU; forward, backward, optimiser);
+- `syncs`: operations that make the host wait for the device: `_local_scalar_dense` (`.item()`, `int()`, `bool()`,
+  `if tensor.any()`), `nonzero`, `masked_select`, indexing with a boolean mask, and `.tolist()` / `.cpu()` /
+  `.numpy()` calls (wrapped here, as on a CPU they dispatch nothing).
+
+Our model runs with `recurrence="cudnn"` (the route `auto` takes on a GPU). Usage:
+`python bench/op_counts.py [--plan host|device] [--record]` (--record stores the entry `step_op_counts_plan_<plan>`
+in bench/results.json; `--plan device` counts the turn plan as it was before it moved to the host on GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.is_nonzero")
+
+
+PAUSED = [0]  # > 0 inside a call that counts as one device op (a GRU) or is not device work (the optimiser)
+
+
+def count_as_one(function, label):
+    """Wrap `function` so that its inner ops are not counted and the call counts as one op named `label`."""
+
+    def wrapped(*args, **kwargs):
+        if PAUSED[0] == 0 and StepCounter.active is not None and label:
+            StepCounter.active.ops += 1
+            StepCounter.active.calls[label] += 1
+        PAUSED[0] += 1
+        try:
+            return function(*args, **kwargs)
+        finally:
+            PAUSED[0] -= 1
+
+    return wrapped
+
+
+class StepCounter:
+    """Counts ATen ops and host syncs while active (a TorchDispatchMode plus wrapped Tensor methods).
+
+    On a CPU `nn.GRU` decomposes into per-time-step ATen ops that cuDNN runs as one call per layer on a GPU, so a
+    `torch._VF.gru` call counts as one op; the optimiser step is not counted (on a GPU Adam's step counters live on
+    the host, and it is the same for both sides)."""
+
+    active = None
+
+    def __init__(self):
+        self.ops = 0
+        self.syncs = collections.Counter()
+        self.calls = collections.Counter()
+
+    def __enter__(self):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if PAUSED[0]:
+                    return func(*args, **(kwargs or {}))
+                counter.ops += 1
+                name = str(func.overloadpacket)
+                if name.startswith(SYNC_OPS):
+                    counter.syncs[name.replace("aten.", "")] += 1
+                elif name in ("aten.index", "aten.index_put", "aten.index_put_") and len(args) > 1:
+                    if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())):
+                        counter.syncs["bool_index"] += 1
+                return func(*args, **(kwargs or {}))
+
+        self._saved = {}
+        for method in ("tolist", "cpu", "numpy"):
+            original = getattr(torch.Tensor, method)
+            self._saved[method] = original
+
+            def wrapped(tensor, *a, _original=original, _method=method, **k):
+                if not PAUSED[0]:
+                    counter.syncs[_method] += 1
+                return _original(tensor, *a, **k)
+
+            setattr(torch.Tensor, method, wrapped)
+        self._mode = Mode()
+        self._mode.__enter__()
+        StepCounter.active = self
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        StepCounter.active = None
+        self._mode.__exit__(*exc)
+        for method, original in self._saved.items():
+            setattr(torch.Tensor, method, original)
+        return False
+
+
+def count_variants(figures, variants, batches, device, size, budget, reserve) -> None:
+    """`device_check._run_variants`' signature: one warm-up step, then count one step per batch (mean)."""
+    from bench.device_check import _cycle_step
+
+    for name, build in variants:
+        if "bf16" in name or "cudnn_disabled" in name:
+            continue  # autocast adds casts only; cuDNN on/off is the same ATen op count on a CPU
+        step = _cycle_step(batches, build())
+        step()
+        ops, syncs, calls = 0, collections.Counter(), collections.Counter()
+        for _ in range(len(batches)):
+            with StepCounter() as counter:
+                step()
+            ops += counter.ops
+            syncs.update(counter.syncs)
+            calls.update(counter.calls)
+        figures[f"{name}/ops_per_step"] = ops / len(batches)
+        figures[f"{name}/syncs_per_step"] = sum(syncs.values()) / len(batches)
+        figures[f"{name}/syncs_by_kind"] = ", ".join(f"{k} {v / len(batches):g}" for k, v in sorted(syncs.items()))
+        figures[f"{name}/gru_calls_per_step"] = calls["gru"] / len(batches)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--record", action="store_true", help="store the entry step_op_counts in bench/results.json")
+    parser.add_argument("--plan", choices=("host", "device"), default="host",
+                        help="MeritsTurnPlan bookkeeping as on a GPU now (host: one read of the mask) or as before "
+                             "(device: computed on the device, one host read per int()/nonzero/tolist)")
+    args = parser.parse_args(argv)
+    import torch
+
+    from bench.device_check import Budget, section_merits_l_steps, section_moe_step, sizes
+
+    torch.set_num_threads(1)
+    from merits.modeling_merits import MeritsTurnPlan
+
+    MeritsTurnPlan.host_bookkeeping = args.plan == "host"
+    torch._VF.gru = count_as_one(torch._VF.gru, "gru")  # this process only
+    for optimizer in (torch.optim.Adam, torch.optim.AdamW):
+        optimizer.step = count_as_one(optimizer.step, None)
+    size = dict(sizes(False), dim=64, hidden=32, fusion_dim=32, batches=2, recurrence="cudnn")
+    device = torch.device("cpu")
+    figures: dict = {}
+    moe: dict = {}
+    section_moe_step(moe, device, size, Budget(1e9), run_variants=count_variants)
+    merits_l: dict = {}
+    section_merits_l_steps(merits_l, device, size, Budget(1e9), run_variants=count_variants)
+    figures.update({f"moe_step/{k}": v for k, v in moe.items() if "/" in k and "speedup" not in k})
+    figures.update({f"merits_l_steps/{k}": v for k, v in merits_l.items() if "speedup" not in k})
+    figures["real_turns_per_batch"] = ",".join(str(t) for t in moe["real_turns_per_batch"])
+    for key, value in figures.items():
+        print(f"{key}: {value}")
+    if args.record:
+        sys.path.insert(0, str(REPO / "bench"))
+        from common import record
+
+        record(f"step_op_counts_plan_{args.plan}", figures, notes="one training step per variant, counted on a CPU with the GPU route "
+               "(recurrence=cudnn); ops = ATen operators dispatched, syncs = host reads of device values")
+    return figures
+
+
+if __name__ == "__main__":
+    main()
