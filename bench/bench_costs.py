@@ -76,10 +76,8 @@ def bench_asr(device: str, sizes: str, batch_sizes: list[int], tokens: int, seco
     half = device.startswith("cuda")
     dtype = torch.float16 if half else torch.float32
     torch.manual_seed(0)
-    ow = Whisper(ModelDimensions(**dims)).to(device)
-    if half:
-        ow = ow.half()
-    ow.eval()
+    # as whisper.load_model leaves it: float32 parameters; fp16=True casts them at each call (openai-whisper's way)
+    ow = Whisper(ModelDimensions(**dims)).to(device).eval()
     multilingual = dims["n_vocab"] >= 51865
     tokenizer = whisper.tokenizer.get_tokenizer(multilingual, num_languages=dims["n_vocab"] - 51765 - int(multilingual),
                                                 language="en", task="transcribe")
