@@ -96,7 +96,7 @@ class WhisperTranscriber:
             task="transcribe",
             language=self.language,
             temperature=0.0,
-            fp16=False,
+            fp16=self.model.device.type == "cuda",  # half-precision decoding on a GPU (openai-whisper's default there)
             without_timestamps=True,
             sample_len=self.sample_len,
         )
@@ -118,7 +118,7 @@ class WhisperTranscriber:
         return [Transcript(text=result.text.strip(), language=result.language) for result in results]
 
     def _transcribe_long(self, array: np.ndarray) -> Transcript:
-        options = {"language": self.language, "fp16": False, "temperature": 0.0, "verbose": None}
+        options = {"language": self.language, "fp16": self.model.device.type == "cuda", "temperature": 0.0, "verbose": None}
         if self.sample_len is not None:
             options["sample_len"] = self.sample_len
         result = self.model.transcribe(np.ascontiguousarray(array, dtype=np.float32), **options)

@@ -513,11 +513,11 @@ class OpenAICompatibleLabeller:
                 f"served models: {', '.join(models) or '(none)'} (pass one of them with --llm-model)"
             )
 
-    async def _post(self, client, body: dict) -> str:
+    async def _post(self, client, body: dict, base_url: str | None = None) -> str:
         import httpx
 
-        try:
-            response = await client.post(f"{self.base_url}/chat/completions", json=body)
+        try:  # base_url: the endpoint merits.labelling.endpoints picked for this request (several --llm-url)
+            response = await client.post(f"{base_url or self.base_url}/chat/completions", json=body)
         except (httpx.TransportError, httpx.TimeoutException) as error:
             raise _Retryable(f"{type(error).__name__}: {error}") from error
         if response.status_code == 429 or response.status_code >= 500:

@@ -46,13 +46,14 @@ from .llm import (
     InProcessVLLMLabeller,
     LabelResult,
     LLMServerError,
-    OpenAICompatibleLabeller,
     PromptTemplate,
     RetryPolicy,
     mean_calibrated_labels,
     read_few_shot_csv,
 )
 from .oracle import ORACLE_LABELS, oracle_agreement
+from .shards import EmptyShard, ShardError, add_shard_arguments, merge_main, select_shard
+from .endpoints import http_labeller, split_urls
 from .writer import Journal, JournalError, check_run_metadata
 
 #: Label ids of the output ``ClassLabel`` (alphabetical); -1 marks an unparseable reply or a failed row.
@@ -60,6 +61,7 @@ OUTPUT_LABELS: tuple[str, ...] = ORACLE_LABELS
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64")
 #: Below this many scored rows ``--calibration mean`` warns (its prior is an average over the rows).
 MIN_MEAN_CALIBRATION_ROWS = 50
+DEFAULT_LLM_URL = "http://127.0.0.1:8000/v1"
 RESERVED_COLUMNS = ("id", "text", "label", "llm_reply", "llm_model", "prompt_hash", "llm_error", "language")
 
 
@@ -378,10 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     llm = parser.add_argument_group("LLM")
     llm.add_argument("--engine", choices=("http", "inprocess"), default="http",
                      help="http: an OpenAI-compatible server at --llm-url; inprocess: vllm.LLM(--llm-model) here")
-    llm.add_argument("--llm-url", default="http://127.0.0.1:8000/v1")
+    llm.add_argument("--llm-url", action="append", default=None,
+                     help="an OpenAI-compatible API root (default http://127.0.0.1:8000/v1); repeat it or give a "
+                          "comma-separated list to spread the requests over several servers")
     llm.add_argument("--llm-model", required=True, help="served model name (http) or model folder (inprocess)")
     llm.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token, if the server needs one")
-    llm.add_argument("--concurrency", type=int, default=16, help="requests in flight at once (http)")
+    llm.add_argument("--concurrency", type=int, default=16, help="requests in flight at once, per --llm-url (http)")
     llm.add_argument("--max-retries", type=int, default=5)
     llm.add_argument("--retry-base-delay", type=float, default=0.5, help="seconds; doubled at each retry")
     llm.add_argument("--timeout", type=float, default=30.0,
@@ -418,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     asr.add_argument("--asr-max-tokens", type=int, default=None, help="maximum tokens per clip")
     asr.add_argument("--device", default="cpu")
     asr.add_argument("--skip-bad-audio", action="store_true", help="leave unreadable clips out instead of stopping")
+
+    add_shard_arguments(parser)
 
     oracle = parser.add_argument_group("valence oracle")
     oracle.add_argument("--valence-column", help="compare labels with this 1-7 valence column")
@@ -468,22 +474,21 @@ def run(args: argparse.Namespace) -> dict:
     if valence_column and valence_column not in rows[0]:
         raise InputError(f"--valence-column {args.valence_column!r} is not a column of the input ({', '.join(rows[0])})")
 
-    # 2. the run's settings: a resumed run must use the same ones
+    # 2. the run's settings: a resumed run must use the same ones (a shard: also the other shards' settings)
+    settings = {"llm_model": args.llm_model, "engine": args.engine, "prompt_hash": prompt.hash(), **source}
+    rows, out = select_shard(args, rows, out, settings, log=log)
+    journal_dir = out / "journal"
     if args.overwrite:
         for name in ("transcripts.jsonl", "labels.jsonl"):
             (journal_dir / name).unlink(missing_ok=True)
-    check_run_metadata(
-        journal_dir / "run.json",
-        {"llm_model": args.llm_model, "engine": args.engine, "prompt_hash": prompt.hash(), **source},
-        overwrite=args.overwrite, inputs=inputs,
-    )
+    check_run_metadata(journal_dir / "run.json", settings, overwrite=args.overwrite, inputs=inputs)
 
     # 3. the labeller (an HTTP server is checked first: fail before hours of ASR, not after)
     if args.engine == "http":
-        labeller = OpenAICompatibleLabeller(
-            args.llm_url, args.llm_model, prompt=prompt, concurrency=args.concurrency,
+        labeller = http_labeller(  # one --llm-url: OpenAICompatibleLabeller; several: spread over them
+            split_urls(args.llm_url, DEFAULT_LLM_URL), args.llm_model, prompt=prompt, concurrency=args.concurrency,
             retry=RetryPolicy(max_retries=args.max_retries, base_delay=args.retry_base_delay),
-            timeout=args.timeout, api_key=args.api_key,
+            timeout=args.timeout, api_key=args.api_key, log=log,
         )
         labeller.check_sync()
 
@@ -579,13 +584,19 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    args = build_parser().parse_args(None if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv[:1] == ["merge"]:  # label_with_llm.py merge --out OUT: join the shards of a --num-shards run
+        return merge_main(argv[1:])
+    args = build_parser().parse_args(argv)
     import datasets
 
     datasets.disable_progress_bars()
     try:
         summary = run(args)
-    except (InputError, JournalError, LLMServerError) as error:
+    except EmptyShard as nothing:
+        log(str(nothing))
+        return 0
+    except (InputError, JournalError, LLMServerError, ShardError) as error:
         print(f"label_with_llm.py: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
