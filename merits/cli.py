@@ -500,10 +500,13 @@ def _score(predictions: list[int], references: list[int], id2label: dict) -> dic
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from merits.helpformat import DefaultsHelpFormatter
+
     parser = argparse.ArgumentParser(prog="merits", description="MERITS-L / MiSTER-E emotion recognition in conversations.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("predict", help="label every turn of the conversations of a JSONL file")
+    p = commands.add_parser("predict", help="label every turn of the conversations of a JSONL file",
+                            formatter_class=DefaultsHelpFormatter)
     p.add_argument("input", help="JSONL file: one conversation per line (a list of turns or {'turns': [...], ...})")
     p.add_argument("-o", "--output", required=True, help="output JSONL (appended to; rerunning resumes)")
     p.add_argument("--model", required=True, help="model folder (train.py's OUT/best/) or Hub folder")
@@ -514,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=predict)
 
-    e = commands.add_parser("evaluate", help="score a model on a labelled file; prints one JSON object")
+    e = commands.add_parser("evaluate", help="score a model on a labelled file; prints one JSON object",
+                            formatter_class=DefaultsHelpFormatter)
     e.add_argument("--model", required=True, help="model folder (train.py's OUT/best/) or Hub folder")
     e.add_argument("--dataset", required=True, choices=DATASETS)
     e.add_argument(
