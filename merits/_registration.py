@@ -1,6 +1,6 @@
 # Copyright 2025 The merits authors. Licensed under the Apache License, Version 2.0.
-"""Registers the merits classes with transformers, once per process (imported by ``merits.__getattr__`` and
-:mod:`merits.hub`; ``merits.register()`` is the public spelling):
+"""Registers the merits classes with transformers, once per process (imported by ``merits.__getattr__``, by
+:mod:`merits.hub` and by the command lines; ``merits.register()`` is the public spelling):
 
 - `AutoConfig` (model type ``"merits"``), `AutoModel`, `AutoFeatureExtractor` and `AutoProcessor`, so that the Auto
   classes load merits folders in this process;
@@ -14,11 +14,12 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_merits import MeritsConfig
 from .feature_extraction_merits import MeritsAcousticFeatureExtractor
-from .hub import PIPELINE_TASK
 from .modeling_merits import MeritsForConversationClassification
 from .pipeline_merits import ConversationEmotionRecognitionPipeline
 from .processing_merits import MeritsProcessor
 
+
+PIPELINE_TASK = "conversation-emotion-recognition"
 
 # In-process Auto classes.
 AutoConfig.register(MeritsConfig.model_type, MeritsConfig, exist_ok=True)

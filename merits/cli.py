@@ -537,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from merits import register
+
+    register()  # the Auto classes resolve merits folders in-process (no remote-code prompt)
     if getattr(args, "batch_size", 1) < 1:
         parser.error("--batch-size must be >= 1")
     try:

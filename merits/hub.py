@@ -32,9 +32,7 @@ from .configuration_merits import MeritsConfig
 from .modeling_merits import MeritsForConversationClassification
 from .pipeline_merits import ConversationEmotionRecognitionPipeline
 from .processing_merits import MeritsProcessor
-
-
-PIPELINE_TASK = "conversation-emotion-recognition"
+from ._registration import PIPELINE_TASK  # importing it registers the classes with transformers (once)
 
 # The remote-code files every Hub folder carries, in the order they depend on each other.
 HUB_CODE_FILES = (

@@ -32,6 +32,9 @@ def main(argv=None) -> dict:
     from .stages import run_training
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from .. import register
+
+    register()  # merits folders (stage 0 output, best/) resolve to the installed classes in this process
     results = run_training(args)
     distributed_state().wait_for_everyone()
     distributed_state().destroy_process_group()  # once, after every stage (DDP runs under torchrun)
