@@ -618,10 +618,13 @@ def _score(predictions: list[int], references: list[int], id2label: dict) -> dic
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from merits.helpformat import DefaultsHelpFormatter
+
     parser = argparse.ArgumentParser(prog="merits", description="MERITS-L / MiSTER-E emotion recognition in conversations.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("predict", help="label every turn of the conversations of a JSONL file")
+    p = commands.add_parser("predict", help="label every turn of the conversations of a JSONL file",
+                            formatter_class=DefaultsHelpFormatter)
     p.add_argument("input", help="JSONL file: one conversation per line (a list of turns or {'turns': [...], ...})")
     p.add_argument("-o", "--output", required=True, help="output JSONL (appended to; rerunning resumes)")
     p.add_argument("--model", required=True, help="model folder (train.py's OUT/best/) or Hub folder")
@@ -637,7 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=predict)
 
-    e = commands.add_parser("evaluate", help="score a model on a labelled file; prints one JSON object")
+    e = commands.add_parser("evaluate", help="score a model on a labelled file; prints one JSON object",
+                            formatter_class=DefaultsHelpFormatter)
     e.add_argument("--model", required=True, help="model folder (train.py's OUT/best/) or Hub folder")
     e.add_argument("--dataset", required=True, choices=DATASETS)
     e.add_argument(
@@ -666,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from merits import register
+
+    register()  # the Auto classes resolve merits folders in-process (no remote-code prompt)
     if getattr(args, "batch_size", 1) < 1:
         parser.error("--batch-size must be >= 1")
     from merits.resume import ResumeMismatch

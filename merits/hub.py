@@ -32,9 +32,7 @@ from .configuration_merits import MeritsConfig
 from .modeling_merits import MeritsForConversationClassification
 from .pipeline_merits import ConversationEmotionRecognitionPipeline
 from .processing_merits import MeritsProcessor
-
-
-PIPELINE_TASK = "conversation-emotion-recognition"
+from ._registration import PIPELINE_TASK  # importing it registers the classes with transformers (once)
 
 # The remote-code files every Hub folder carries, in the order they depend on each other.
 HUB_CODE_FILES = (
@@ -54,12 +52,14 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 
 def _pipeline_entry() -> dict:
     """The ``custom_pipelines`` value written into config.json, built as `Pipeline.save_pretrained` builds it from
-    the `PIPELINE_REGISTRY` registration made in ``merits/__init__.py``."""
+    the `PIPELINE_REGISTRY` registration made in ``merits/_registration.py``."""
+    from . import _registration  # noqa: F401  (registers the pipeline task once per process)
+
     registered = getattr(ConversationEmotionRecognitionPipeline, "_registered_impl", None)
     if not registered or PIPELINE_TASK not in registered:
         raise RuntimeError(
-            f"ConversationEmotionRecognitionPipeline is not registered for '{PIPELINE_TASK}'; import `merits` "
-            "(its __init__ registers it with transformers' PIPELINE_REGISTRY)."
+            f"ConversationEmotionRecognitionPipeline is not registered for '{PIPELINE_TASK}' "
+            "(merits/_registration.py registers it with transformers' PIPELINE_REGISTRY)."
         )
     info = dict(registered[PIPELINE_TASK])
     impl = info["impl"]
@@ -98,11 +98,16 @@ def check_hub_code(folder: str | os.PathLike) -> list[str]:
 
 
 def _metric_type(key: str) -> str:
+    """The model-index ``type`` (a metric id such as the Hub's ``f1``); the full key stays the metric's ``name``."""
     if "f1" in key:
         return "f1"
     if "accuracy" in key:
         return "accuracy"
-    return key
+    if "recall" in key:  # unweighted average recall (UAR)
+        return "recall"
+    if "loss" in key:
+        return "loss"
+    return key.rsplit("_", 1)[-1]
 
 
 def make_model_card(
@@ -208,7 +213,7 @@ def save_hub_folder(
     if processor is None:
         processor = MeritsProcessor(label2id=dict(model.config.label2id))
 
-    # Register the classes for the Auto classes (merits/__init__.py does this on import; a model class loaded from
+    # Register the classes for the Auto classes (merits/_registration.py does this; a model class loaded from
     # remote code is registered here) so that save_pretrained writes `auto_map` and copies the code.
     if type(model.config)._auto_class is None:
         type(model.config).register_for_auto_class("AutoConfig")

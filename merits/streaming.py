@@ -28,6 +28,9 @@ from typing import Any
 import torch
 
 from merits.pipeline_merits import ConversationEmotionRecognitionPipeline
+from merits import register as _register
+
+_register()  # the Auto classes resolve merits folders in-process
 
 
 class ConversationStream:

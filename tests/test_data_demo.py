@@ -67,6 +67,7 @@ def _neighbours(features, dialogue_ids, offsets=(-1, 1)):
     return np.concatenate(parts, axis=1)
 
 
+@pytest.mark.slow  # among the costliest of the quick loop (issue 20: --durations on 2 shared cores)
 def test_quick_baselines_context_and_fusion_help(corpus):
     """Logistic regression per utterance vs. with neighbouring turns, for text, audio and both (validation+test pooled)."""
     extractor = MeritsAcousticFeatureExtractor()

@@ -338,6 +338,7 @@ def save_tiny_whisper(path: Path) -> Path:
     """A random tiny Whisper checkpoint that ``whisper.load_model(path)`` loads (the real vocabulary size)."""
     from dataclasses import asdict
 
+    pytest.importorskip("whisper", reason="openai-whisper is not installed (pip install --no-deps openai-whisper)")
     from whisper.model import ModelDimensions, Whisper
 
     torch.manual_seed(0)
@@ -373,6 +374,7 @@ def test_whisper_transcriber_batched_and_long(tmp_path):
 
 
 def test_whisper_unknown_model_name():
+    pytest.importorskip("whisper", reason="openai-whisper is not installed (pip install --no-deps openai-whisper)")
     from merits.labelling.asr import ASRError, load_whisper
 
     with pytest.raises(ASRError, match="neither a file nor one of"):

@@ -48,12 +48,12 @@ def _vllm_python_or_skip() -> Path:
     return python
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # torn down after this file: the vLLM server frees its ~3 GB for the later tests
 def tiny_llama_dir(tmp_path_factory):
     return build_tiny_llama(tmp_path_factory.mktemp("vllm") / "tiny-llama")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # torn down after this file: the vLLM server frees its ~3 GB for the later tests
 def vllm_server(tiny_llama_dir):
     python = _vllm_python_or_skip()
     server = VLLMServer(tiny_llama_dir, served_name="tiny-llama", python=python, startup_timeout=420)
@@ -107,7 +107,7 @@ def _common_args(csv_path: Path, url: str) -> list:
             "--decoding", "choice"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # torn down after this file: the vLLM server frees its ~3 GB for the later tests
 def reference(vllm_server, tmp_path_factory):
     """One unbroken labelling of ROWS transcripts (concurrency 8): what every resumed run must reproduce."""
     tmp = tmp_path_factory.mktemp("reference")

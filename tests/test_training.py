@@ -464,6 +464,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     assert max((whole[k] - smaller[k]).abs().max().item() for k in whole) > 1e-3
 
 
+@pytest.mark.slow  # among the costliest of the quick loop (issue 20: --durations on 2 shared cores)
 def test_bf16_option_runs(features, tmp_path):
     # its own process: Accelerate's state (and so the mixed precision) is fixed once per process
     out = tmp_path / "bf16"
@@ -625,6 +626,7 @@ def _full_forward_probabilities(model, **inputs):
     return torch.softmax(logits.float(), dim=-1)[0]
 
 
+@pytest.mark.slow  # among the costliest of the quick loop (issue 20: --durations on 2 shared cores)
 def test_causal_merits_l_trained_on_the_demo_streams_like_its_full_forward(tmp_path):
     from merits import MeritsForConversationClassification, MeritsProcessor
     from merits.data import conversations, load_audio
@@ -757,6 +759,7 @@ def test_stage3_trains_on_exported_stage2_features(features, tmp_path, monkeypat
     assert np.isfinite(results["test_stage3_weighted_f1"])
 
 
+@pytest.mark.slow  # among the costliest of the quick loop (issue 20: --durations on 2 shared cores)
 def test_embedding_cache_batching_options_reach_the_cache(tmp_path, monkeypatch):
     """--embedding_batch_size / --embedding_max_tokens are what the stage I embedding cache batches with."""
     import merits.data

@@ -51,6 +51,7 @@ from .llm import (
     mean_calibrated_labels,
     read_few_shot_csv,
 )
+from ..helpformat import DefaultsHelpFormatter
 from .oracle import ORACLE_LABELS, oracle_agreement
 from .shards import EmptyShard, ShardError, add_shard_arguments, merge_main, select_shard
 from .endpoints import http_labeller, split_urls
@@ -361,6 +362,7 @@ def build_dataset(rows: list[dict], labels: dict[str, dict], llm_name: str, prom
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="label_with_llm.py",
+        formatter_class=DefaultsHelpFormatter,
         description="Transcribe speech with Whisper and label each transcript positive/negative/neutral with an "
         "LLM (MERITS-L pseudo-labels); writes a datasets dataset (save_to_disk) and resumes when rerun.",
     )
@@ -368,8 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--audio", help="a folder of sound files, or a dataset folder saved with save_to_disk")
     source.add_argument("--transcripts", help="a CSV with columns id and text (other columns are kept)")
     parser.add_argument("--out", required=True, help="output folder (the dataset + its journal)")
-    parser.add_argument("--id-column", default="id")
-    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--id-column", default="id", help="the input column that identifies a row")
+    parser.add_argument("--text-column", default="text", help="the input column holding the transcript (--transcripts)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N rows")
     parser.add_argument("--overwrite", action="store_true", help="discard an earlier run in --out instead of resuming")
     parser.add_argument("--accept-failures", action="store_true",
@@ -386,22 +388,22 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--llm-model", required=True, help="served model name (http) or model folder (inprocess)")
     llm.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token, if the server needs one")
     llm.add_argument("--concurrency", type=int, default=16, help="requests in flight at once, per --llm-url (http)")
-    llm.add_argument("--max-retries", type=int, default=5)
+    llm.add_argument("--max-retries", type=int, default=5, help="retries of a failed request before the run stops")
     llm.add_argument("--retry-base-delay", type=float, default=0.5, help="seconds; doubled at each retry")
     llm.add_argument("--timeout", type=float, default=30.0,
                      help="seconds per request before it is retried (default 30; a progress line reports a silent "
                           "server every 30 s)")
-    llm.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT)
+    llm.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="the LLM's instructions")
     llm.add_argument("--system-prompt-file", help="read the system prompt from this file")
     llm.add_argument("--user-template", default=DEFAULT_USER_TEMPLATE, help="must contain {text}")
-    llm.add_argument("--temperature", type=float, default=0.0)
+    llm.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
     llm.add_argument("--max-tokens", type=int, default=None,
                      help="reply budget; default: with the structured-outputs choice, enough for the longest label "
                           "under the served tokenizer (asked from vLLM's /tokenize, else 16), so no label is cut; "
                           "with --no-structured-outputs, 4 (the GPT-style setting)")
     llm.add_argument("--no-structured-outputs", action="store_true",
                      help="do not send vLLM's structured_outputs choice constraint (for servers that reject it)")
-    llm.add_argument("--inprocess-batch-size", type=int, default=64)
+    llm.add_argument("--inprocess-batch-size", type=int, default=64, help="prompts per vllm.LLM.generate call (inprocess)")
     llm.add_argument("--decoding", choices=DECODINGS, default=DEFAULT_DECODING,
                      help="logprobs: score the three labels by their log-probability at the reply's first position "
                           "(vLLM logprobs/top_logprobs) and take the calibrated argmax; choice: generate the reply under "
@@ -418,9 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     asr = parser.add_argument_group("ASR (with --audio)")
     asr.add_argument("--whisper-model", default="large-v3", help="a Whisper name or a local checkpoint file")
     asr.add_argument("--language", default=None, help="e.g. en; default: detected per clip")
-    asr.add_argument("--asr-batch-size", type=int, default=8)
+    asr.add_argument("--asr-batch-size", type=int, default=8, help="clips per Whisper decoding batch")
     asr.add_argument("--asr-max-tokens", type=int, default=None, help="maximum tokens per clip")
-    asr.add_argument("--device", default="cpu")
+    asr.add_argument("--device", default="cpu", help="torch device for Whisper (cpu, cuda, ...)")
     asr.add_argument("--skip-bad-audio", action="store_true", help="leave unreadable clips out instead of stopping")
 
     add_shard_arguments(parser)

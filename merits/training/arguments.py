@@ -61,17 +61,17 @@ class StageArguments:
     steps, so a 2-process run sees the same effective batch as a 1-process run.
     """
 
-    num_epochs: int = 50
-    learning_rate: float = 1e-4
-    batch_size: int = 32
-    gradient_accumulation_steps: int = 1
+    num_epochs: int = 50  # passes over the training split
+    learning_rate: float = 1e-4  # learning rate (constant; with warmup_ratio > 0, linear warm-up then linear decay)
+    batch_size: int = 32  # effective batch: utterances (pretrain, utterance) or conversations (the others)
+    gradient_accumulation_steps: int = 1  # the batch is split over this many steps per update
     optimizer: str = "adamw"  # "adamw" | "adam"
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    warmup_ratio: float = 0.0
-    max_grad_norm: Optional[float] = 1.0
+    weight_decay: float = 0.01  # decoupled (adamw) or L2 (adam) weight decay
+    adam_beta1: float = 0.9  # Adam's first-moment decay
+    adam_beta2: float = 0.999  # Adam's second-moment decay
+    adam_epsilon: float = 1e-8  # Adam's denominator epsilon
+    warmup_ratio: float = 0.0  # fraction of the updates spent warming the learning rate up (0: constant rate)
+    max_grad_norm: Optional[float] = 1.0  # gradient clipping norm (null: no clipping)
     early_stopping_patience: Optional[int] = None  # epochs without a better validation wF1
     # batches of conversations of similar length, in a random order (merits.training.loop.LengthGroupedSampler):
     # less padding computed per real turn. Default on for the conversation stages (context, fusion, moe), off for
@@ -89,56 +89,56 @@ class TrainingArguments:
 
     # --- run ---
     config: Optional[str] = None  # YAML file read before the overrides
-    output_dir: str = "outputs/demo"
+    output_dir: str = "outputs/demo"  # results, plots and best/ (default with --config X: outputs/X)
     overwrite_output_dir: bool = False  # allow writing into a folder that holds another run
     resume: bool = False  # continue the run in output_dir from its last checkpoint
-    seed: int = 42
+    seed: int = 42  # seeds the initial weights, the data order and dropout
     mixed_precision: str = "no"  # "no" | "bf16"
     torch_num_threads: Optional[int] = None  # intra-op CPU threads per process (None: torch's default); 1 suits tiny models
     checkpointing_steps: int = 200  # accelerator.save_state every N optimiser steps (and at every epoch end)
-    logging_steps: int = 10
+    logging_steps: int = 10  # log the training loss every N optimiser steps
     report_to: str = "tensorboard"  # "tensorboard" | "none"
-    push_to_hub: bool = False
-    hub_model_id: Optional[str] = None
+    push_to_hub: bool = False  # upload OUT/best to the Hub at the end (needs --hub_model_id and `hf auth login`)
+    hub_model_id: Optional[str] = None  # the Hub repo id for --push_to_hub (e.g. your-name/merits-l-meld)
     debug_exit_after_step: Optional[int] = None  # tests: hard-exit (like a kill) after this global step
 
     # --- system ---
     architecture: str = "both"  # "merits-l" | "mister-e" | "both" (each system trained in OUT/<architecture>)
     stages: Optional[list] = None  # default: utterance, context, fusion (merits-l) / utterance, moe (mister-e)
     joint_context_fusion: bool = False  # merits-l ablation: train stages II and III jointly
-    modalities: list = field(default_factory=lambda: list(MODALITIES))
+    modalities: list = field(default_factory=lambda: list(MODALITIES))  # text, audio or both
     model: dict = field(default_factory=dict)  # MeritsConfig hyperparameters (ablation switches, sizes)
 
     # --- data ---
     dataset: str = "demo"  # demo | meld | mosi | iemocap | emodb | msp_podcast | pseudo_labels | features
-    data_dir: Optional[str] = None
+    data_dir: Optional[str] = None  # the corpus folder (its official layout; see merits.data)
     dataset_options: dict = field(default_factory=dict)  # keyword arguments of the dataset loader
     train_features: Optional[str] = None  # feature datasets (api.md section 5): stages II/III or the MoE only
-    validation_features: Optional[str] = None
-    test_features: Optional[str] = None
+    validation_features: Optional[str] = None  # feature dataset of the validation split (model selection)
+    test_features: Optional[str] = None  # feature dataset of the test split (scored once, with the selected model)
     max_train_dialogues: Optional[int] = None  # quick runs: keep the first N conversations of each split
-    max_eval_dialogues: Optional[int] = None
+    max_eval_dialogues: Optional[int] = None  # quick runs: keep the first N conversations of validation and test
     cache_dir: Optional[str] = None  # embedding cache (default OUT/cache)
     # stage I embedding cache batches (merits.data.cache.length_batches): at most this many utterances and padded
     # positions (text tokens + speech frames at 50/s) per forward pass. On a CPU with a raw speech backbone,
     # embedding_max_tokens: 1 (one utterance per pass) was faster than batching (bench/README.md, extraction) and
     # avoids padding the group-norm feature encoders of wav2vec2-style models; None = fixed batches.
-    embedding_batch_size: int = 32
-    embedding_max_tokens: Optional[int] = 8192
+    embedding_batch_size: int = 32  # at most this many utterances per stage I embedding pass
+    embedding_max_tokens: Optional[int] = 8192  # at most this many padded positions per embedding pass (null: no bound)
 
     # --- text utterance encoder ---
     text_model_name_or_path: Optional[str] = None  # pretrained backbone (e.g. roberta-large), local path or hub id
     text_config: Optional[dict] = None  # backbone config for an encoder trained from scratch
-    tokenizer_name_or_path: Optional[str] = None
+    tokenizer_name_or_path: Optional[str] = None  # tokenizer (default: the text backbone's)
     train_tokenizer: bool = False  # train a tokenizer on the training transcripts (from-scratch encoders)
-    tokenizer_vocab_size: int = 4000
-    max_text_length: int = 128
+    tokenizer_vocab_size: int = 4000  # vocabulary of a tokenizer trained with --train_tokenizer
+    max_text_length: int = 128  # tokens per utterance (longer ones are truncated)
     text_encoder_init: Optional[str] = None  # stage 0 output (Hub folder): initialise the text encoder from it
     use_lora: bool = False  # LoRA (peft) on the text backbone; merged before saving
-    lora_r: int = 8
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
-    lora_target_modules: Optional[list] = None
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: int = 32  # LoRA scaling numerator
+    lora_dropout: float = 0.1  # dropout on the LoRA branch
+    lora_target_modules: Optional[list] = None  # module names LoRA wraps (null: peft's default for the backbone)
 
     # --- speech utterance encoder ---
     audio_model_name_or_path: Optional[str] = None  # pretrained frozen speech backbone (e.g. a WavLM/CARE folder)
@@ -156,7 +156,7 @@ class TrainingArguments:
 
     # --- leave-one-speaker-out model selection (corpora with no validation split, e.g. EmoDB) ---
     speaker_folds: bool = False  # stage I speech head: every speaker held out once (test), the next one validates
-    speaker_column: str = "speaker"
+    speaker_column: str = "speaker"  # the column naming each utterance's speaker (speaker_folds only)
     fold_candidates: Optional[list] = None  # settings compared on the folds: mappings of options ({"utterance.learning_rate": 1e-3})
 
     # --- stages ---
@@ -514,13 +514,102 @@ def parse_args(argv: list[str] | None = None, default_config: Path | None = DEFA
     return args.validate()
 
 
+def field_help() -> dict[str, tuple[str, str]]:
+    """``{option: (section, description)}`` for every field of :class:`TrainingArguments` and :class:`StageArguments`
+    (stage options as ``stage.<name>``): the comment on the field's line, else the comment lines just above it. The
+    ``# --- name ---`` lines are the sections."""
+    import ast
+
+    source = Path(__file__).read_text(encoding="utf-8")
+    lines = source.splitlines()
+    out: dict[str, tuple[str, str]] = {}
+    for node in ast.parse(source).body:
+        if not (isinstance(node, ast.ClassDef) and node.name in ("TrainingArguments", "StageArguments")):
+            continue
+        section = "stage settings" if node.name == "StageArguments" else "options"
+        previous_end = node.lineno
+        for item in node.body:
+            if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
+                previous_end = getattr(item, "end_lineno", previous_end)
+                continue
+            above, inline = [], ""
+            for number in range(previous_end + 1, item.lineno):  # the lines between the previous field and this one
+                text = lines[number - 1].strip()
+                heading = text.strip("# ").strip()
+                if text.startswith("# ---") and text.endswith("---"):
+                    section, above = heading.strip("- ").strip(), []
+                elif text.startswith("#"):
+                    above.append(heading)
+                elif not text:
+                    above = []
+            first = lines[item.lineno - 1]
+            if "#" in first:
+                inline = first.split("#", 1)[1].strip()
+            name = item.target.id if node.name == "TrainingArguments" else f"stage.{item.target.id}"
+            out[name] = (section, inline or " ".join(above))
+            previous_end = item.end_lineno or item.lineno
+    return out
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (dict, list)) and not value:
+        return "{}" if isinstance(value, dict) else "[]"
+    return str(value)
+
+
 def usage() -> str:
-    names = sorted(_field_types(TrainingArguments))
-    stage_names = sorted(_field_types(StageArguments))
-    return (
-        "usage: train.py [--config FILE] [--KEY VALUE ...]\n"
-        "  With no arguments: configs/demo.yaml (both systems on the built-in demo corpus).\n"
-        "  Options: " + ", ".join(names) + "\n"
-        "  Stage options (--<stage>.<option>, stage in pretrain/utterance/speech_head/context/fusion/moe): "
-        + ", ".join(stage_names)
-    )
+    """``train.py --help``: every option with its description, its default and (when it differs) configs/demo.yaml's
+    value, then the stage settings with each stage's default."""
+    import textwrap
+
+    helps = field_help()
+    defaults = TrainingArguments()
+    demo = load_yaml(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else {}
+    stage_fields = [f.name for f in dataclasses.fields(StageArguments)]
+    stage_names = [f.name for f in dataclasses.fields(TrainingArguments) if _field_types(TrainingArguments)[f.name] is StageArguments]
+    wrap = lambda text: textwrap.fill(text, width=110, initial_indent="      ", subsequent_indent="      ")
+    out = [
+        "usage: train.py [--config FILE] [--KEY VALUE ...]",
+        "",
+        "Train MERITS-L and/or MiSTER-E, every stage, with Accelerate (`accelerate launch train.py ...`, or",
+        "`torchrun --nproc_per_node N train.py ...` for N CPU processes). With no arguments: configs/demo.yaml, both",
+        "systems on the built-in demo corpus, written to outputs/demo. Every option below can be set in a --config",
+        "YAML file under the same name; the command line wins (`--key value`, `--key=value`, `--flag` for true).",
+        "Nested keys take a dot: `--model.gate_mode vote`, `--context.learning_rate 5e-5`. `default` is the value",
+        "when neither a file nor the command line sets it; `demo.yaml` is the value of the no-argument run.",
+    ]
+    section = None
+    for f in dataclasses.fields(TrainingArguments):
+        if f.name in stage_names:
+            continue
+        where, description = helps.get(f.name, ("options", ""))
+        if where != section:
+            section = where
+            out += ["", f"{section}:"]
+        tp = _strip_optional(_field_types(TrainingArguments)[f.name])[0]
+        kind = getattr(tp, "__name__", str(tp)).upper()
+        value = getattr(defaults, f.name)
+        note = f"default: {_shown(value)}"
+        if f.name in demo and demo[f.name] != value and not isinstance(demo[f.name], dict):
+            note += f"; demo.yaml: {_shown(demo[f.name])}"
+        elif f.name in demo and isinstance(demo[f.name], dict):
+            note += "; demo.yaml sets it"
+        out.append(f"  --{f.name} {kind}")
+        out.append(wrap(f"{description} ({note})" if description else f"({note})"))
+    out += ["", f"stage settings (--<stage>.<option>, stage one of {', '.join(stage_names)}):"]
+    for name in stage_fields:
+        description = helps.get(f"stage.{name}", ("", ""))[1]
+        per_stage = {stage: getattr(getattr(defaults, stage), name) for stage in stage_names}
+        if len(set(map(repr, per_stage.values()))) == 1:
+            note = f"default: {_shown(next(iter(per_stage.values())))}"
+        else:
+            note = "defaults: " + ", ".join(f"{stage} {_shown(v)}" for stage, v in per_stage.items())
+        tp = _strip_optional(_field_types(StageArguments)[name])[0]
+        out.append(f"  --<stage>.{name} {getattr(tp, '__name__', str(tp)).upper()}")
+        out.append(wrap(f"{description} ({note})" if description else f"({note})"))
+    out += ["", "  --help, -h", "      show this help and exit", ""]
+    return "\n".join(out)

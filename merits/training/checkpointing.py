@@ -115,6 +115,15 @@ def prepare_output_dir(output_dir: str | Path, options: dict, resume: bool, over
                 barrier()
             return True
     if has_content:
+        if not overwrite and config_file.is_file() and _comparable(yaml.safe_load(config_file.read_text()) or {}) == _comparable(options):
+            finished = (output_dir / "all_results.json").is_file()
+            raise OutputDirError(
+                f"{output_dir} already holds another run of these same options, "
+                + (f"finished (results: {output_dir / 'all_results.json'}, model: {output_dir / 'best'})" if finished
+                   else "not finished")
+                + ". Pass --resume to continue it" + (" (finished stages are reused)" if finished else "")
+                + ", --overwrite_output_dir to train afresh, or choose another --output_dir."
+            )
         if not overwrite:
             raise OutputDirError(
                 f"{output_dir} already holds another run ({', '.join(sorted(p.name for p in output_dir.iterdir())[:5])}). "

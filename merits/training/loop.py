@@ -246,6 +246,17 @@ def _fused_supported(params) -> bool:
     return all(p.is_floating_point() and p.device.type in ("cpu", "cuda", "xpu", "mps") for p in params)
 
 
+_STAGE_LABELS = {"stage0": "stage 0 (pre-training)", "stage1": "stage I (utterance)", "stage2": "stage II (context)",
+                 "stage3": "stage III (fusion)", "stage2+3": "stages II+III (joint)", "moe": "MoE"}
+
+
+def progress_label(model, tag: str) -> str:
+    """The progress bar's label: system and stage (``MERITS-L stage II (context)``), not the output folder's name."""
+    architecture = getattr(getattr(model, "config", None), "architecture", None)
+    system = {"merits-l": "MERITS-L", "mister-e": "MiSTER-E"}.get(architecture, architecture or "")
+    return f"{system} {_STAGE_LABELS.get(tag, tag)}".strip()
+
+
 def _lr_factor(arguments: StageArguments, total_steps: int):
     warmup = int(math.ceil(arguments.warmup_ratio * total_steps))
     if warmup <= 0:
@@ -434,7 +445,7 @@ def run_stage(model: torch.nn.Module, plan: StagePlan, run_args, run_dir: Path, 
     bar = tqdm(
         total=total_updates,
         initial=state.global_step,
-        desc=f"{run_dir.name}/{plan.tag}",
+        desc=progress_label(model, plan.tag),
         disable=not (progress and accelerator.is_local_main_process),
         dynamic_ncols=True,
     )

@@ -193,6 +193,13 @@ def load_corpus(args: TrainingArguments, require_validation: bool = True) -> Cor
     if name == "demo":
         from ..data.demo import make_demo_corpus
 
+        import inspect
+
+        known = set(inspect.signature(make_demo_corpus).parameters)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise DataError(f"dataset_options {unknown}: not options of the demo corpus (known: {sorted(known)}); "
+                            "on the command line write a YAML mapping with spaces: --dataset_options '{num_dialogues: 24}'")
         dsd = make_demo_corpus(**options)
     elif name == "pseudo_labels":
         if not args.data_dir:
@@ -986,6 +993,8 @@ def run_speaker_folds(args: TrainingArguments, output_dir: Path, state) -> dict:
         print(f"leave-one-speaker-out over {len(distinct)} speakers: test wF1 {results['test_stage1_audio_weighted_f1']:.4f}, "
               f"UAR {results['test_stage1_audio_unweighted_average_recall']:.4f}; best/ = candidate {final}, "
               f"{final_args.utterance.num_epochs} epochs on every speaker")
+        print(report.run_summary(output_dir, {architecture: results}, architecture, logs=args.report_to == "tensorboard"),
+              flush=True)
     state.wait_for_everyone()
     return results
 
@@ -1021,7 +1030,8 @@ def run_training(args: TrainingArguments) -> dict:
         per_system[architecture] = run_system(args, architecture, run_dir, corpus, cache_dir, acoustic_extractor)
 
     if len(architectures) == 1:
-        all_results = per_system[architectures[0]]
+        chosen = architectures[0]
+        all_results = per_system[chosen]
     else:
         for architecture, results in per_system.items():
             prefix = architecture.replace("-", "_")
@@ -1029,6 +1039,9 @@ def run_training(args: TrainingArguments) -> dict:
         # OUT/best: the system with the higher validation weighted F1 (validation alone selects)
         chosen = max(architectures, key=lambda a: per_system[a].get("validation_weighted_f1", -1.0))
         all_results["selected_architecture"] = chosen
+        # the unprefixed keys are those of the model in OUT/best (validation_stage2_text_weighted_f1, ...), as for
+        # a one-system run; each system's own keys keep their prefix (merits_l_..., mister_e_...)
+        all_results.update(per_system[chosen])
         chosen_stages = args.stages_for(chosen)
         all_results.update(final_results(per_system[chosen], STAGE_TAGS[chosen_stages[-1]]))
         if state.is_main_process:
@@ -1044,7 +1057,10 @@ def run_training(args: TrainingArguments) -> dict:
         table = report.results_table(per_system)
         (output_dir / "results.md").write_text(table + "\n")
         print(table)
+        examples = report.write_examples(corpus, output_dir) if corpus is not None else None
+        print(report.run_summary(output_dir, per_system, chosen, examples=examples, toy=args.dataset == "demo",
+                                 logs=args.report_to == "tensorboard"), flush=True)
         if args.push_to_hub:
-            push_best_model(output_dir / "best", args.hub_model_id)
+            print(f"Pushed {output_dir / 'best'} to {push_best_model(output_dir / 'best', args.hub_model_id)}")
     state.wait_for_everyone()
     return all_results
