@@ -489,6 +489,8 @@ class MeritsTurnPlan:
         on_host = self.host_bookkeeping if self.host_bookkeeping is not None else device.type != "cpu"
         if on_host and not getattr(turn_mask, "_merits_host_copy", False):
             host_mask = turn_mask.cpu()
+            if host_mask is turn_mask:  # forced on a CPU mask (host_bookkeeping=True): never mark the caller's tensor
+                host_mask = turn_mask.clone()
             host_mask._merits_host_copy = True  # the nested plan below computes in place
             host = MeritsTurnPlan(host_mask, gap=gap)
             for name, value in host.__dict__.items():
