@@ -414,7 +414,25 @@ class MeritsSpeechEncoder(nn.Module):
         return torch.einsum("k,k...->...", weights, stacked)
 
     def pool_backbone(self, input_values=None, input_features=None, audio_attention_mask=None):
-        """Frozen backbone -> layer-weighted, time-averaged vector [N, hidden]."""
+        """Frozen backbone -> layer-weighted, time-averaged vector [N, hidden].
+
+        A wav2vec2-family feature encoder with `feat_extract_norm="group"` (wav2vec2/WavLM base) normalises each
+        channel over the whole time axis, padding included: padded rows then run unpadded, rows of one length together,
+        so an utterance's vector is the same alone or in any batch (on every device: exactness, not speed)."""
+        if (input_values is not None and audio_attention_mask is not None and input_values.shape[0] > 1
+                and getattr(getattr(self.backbone, "config", None), "feat_extract_norm", None) == "group"):
+            lengths = audio_attention_mask.sum(-1).tolist()  # right padding, as the feature extractors pad
+            if min(lengths) < input_values.shape[1] and max(lengths) > 0:
+                pooled = [None] * len(lengths)
+                for length in sorted(set(lengths) - {0}):
+                    rows = [i for i, n in enumerate(lengths) if n == length]
+                    index = torch.tensor(rows, device=input_values.device)
+                    vectors = self.pool_backbone(input_values.index_select(0, index)[:, : int(length)])
+                    for i, vector in zip(rows, vectors):
+                        pooled[i] = vector
+                empty = next(v for v in pooled if v is not None).new_zeros(())  # no real sample: zeros, as before
+                return torch.stack([v if v is not None else empty.expand_as(pooled[lengths.index(max(lengths))])
+                                    for v in pooled])
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.backbone.parameters())
         if input_features is not None and is_whisper_encoder(self.backbone):
             # each clip on its own mel frames (whisper_encoder_merits.py), not on 30 s of padding
@@ -495,6 +513,8 @@ class MeritsTurnPlan:
         on_host = self.host_bookkeeping if self.host_bookkeeping is not None else device.type != "cpu"
         if on_host and not getattr(turn_mask, "_merits_host_copy", False):
             host_mask = turn_mask.cpu()
+            if host_mask is turn_mask:  # forced on a CPU mask (host_bookkeeping=True): never mark the caller's tensor
+                host_mask = turn_mask.clone()
             host_mask._merits_host_copy = True  # the nested plan below computes in place
             host = MeritsTurnPlan(host_mask, gap=gap)
             for name, value in host.__dict__.items():

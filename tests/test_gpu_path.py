@@ -32,3 +32,50 @@ def test_turn_plan_host_bookkeeping_equals_device_route():
             assert other.device == value.device and torch.equal(other, value), name
         else:
             assert other == value, name
+
+
+def _group_norm_speech_model():
+    from merits import MeritsConfig, MeritsForConversationClassification
+    from tests._tiny import tiny_wavlm_config
+
+    torch.manual_seed(0)
+    config = MeritsConfig(audio_config=tiny_wavlm_config(feat_extract_norm="group"), id2label={0: "a", 1: "b"})
+    return MeritsForConversationClassification(config).eval()
+
+
+def test_group_norm_speech_backbone_is_batch_exact():
+    # GroupNorm in a wav2vec2/WavLM "group" feature encoder normalises over the whole (padded) time axis: a short
+    # utterance padded to a longer one's length got other embeddings (and logits) than alone
+    model = _group_norm_speech_model()
+    generator = torch.Generator().manual_seed(1)
+    short, long = torch.randn(1600, generator=generator), torch.randn(4000, generator=generator)
+    values = torch.zeros(2, 4000)
+    values[0, :1600], values[1] = short, long
+    mask = torch.zeros(2, 4000, dtype=torch.long)
+    mask[0, :1600], mask[1] = 1, 1
+    with torch.no_grad():
+        batched = model.get_utterance_embeddings(input_values=values, audio_attention_mask=mask)["audio"]
+        alone = model.get_utterance_embeddings(input_values=short.unsqueeze(0),
+                                               audio_attention_mask=torch.ones(1, 1600, dtype=torch.long))["audio"]
+        alone_long = model.get_utterance_embeddings(input_values=long.unsqueeze(0))["audio"]
+        # the conversation forward: one conversation alone vs batched with a longer one
+        out_alone = model(input_values=short.unsqueeze(0), audio_attention_mask=torch.ones(1, 1600, dtype=torch.long),
+                          turn_mask=torch.ones(1, 1, dtype=torch.bool)).logits
+        out_batched = model(input_values=values, audio_attention_mask=mask,
+                            turn_mask=torch.ones(2, 1, dtype=torch.bool)).logits
+    torch.testing.assert_close(batched[0], alone[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(batched[1], alone_long[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_batched[0], out_alone[0], rtol=1e-5, atol=1e-6)
+
+
+def test_group_norm_speech_backbone_row_without_samples_gives_zeros():
+    model = _group_norm_speech_model()
+    values = torch.randn(2, 2000)
+    mask = torch.zeros(2, 2000, dtype=torch.long)
+    mask[1, :1200] = 1
+    with torch.no_grad():
+        audio = model.get_utterance_embeddings(input_values=values, audio_attention_mask=mask)["audio"]
+        alone = model.get_utterance_embeddings(input_values=values[1:, :1200])["audio"]
+    pooled_zero = model.speech_encoder.head(torch.zeros(1, model.config.audio_config.hidden_size))
+    torch.testing.assert_close(audio[0], pooled_zero[0])
+    torch.testing.assert_close(audio[1], alone[0], rtol=1e-5, atol=1e-6)
