@@ -70,7 +70,7 @@ def test_argparse_help_shows_defaults(argv):
     assert result.returncode == 0, result.stderr
     assert "sk-never-shown" not in result.stdout
     if argv[0] == "label_with_llm.py":
-        for default in ("(default: http://127.0.0.1:8000/v1)", "(default: 16)", "(default: large-v3)", "(default: id)"):
+        for default in ("(default http://127.0.0.1:8000/v1)", "(default: 16)", "(default: large-v3)", "(default: id)"):
             assert default in result.stdout, default
     else:
         assert "conversations per model call (default 8)" in result.stdout
@@ -108,11 +108,11 @@ def test_a_second_run_under_accelerate_launch_fails_with_one_line(tmp_path):
 
 
 def test_a_failed_start_names_the_bad_dataset_options(tmp_path):
-    from merits.training.arguments import parse_args
-    from merits.training.stages import DataError, load_corpus
+    from merits.training.arguments import ConfigError, parse_args
 
-    with pytest.raises(DataError, match=r"dataset_options \['num_dialogues:24'\]: not options of the demo corpus"):
-        load_corpus(parse_args(["--dataset_options", "{num_dialogues:24}", "--output_dir", str(tmp_path)]))
+    # refused while the options are parsed (before any data is loaded or folder written), with the YAML hint
+    with pytest.raises(ConfigError, match=r"--dataset_options: .*YAML needs a space after the colon"):
+        parse_args(["--dataset_options", "{num_dialogues:24}", "--output_dir", str(tmp_path)])
 
 
 def test_model_card_metric_types_are_metric_ids():

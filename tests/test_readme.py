@@ -184,9 +184,14 @@ def check_command(command: list[str], where: str) -> None:
         if path.name == "train.py" and path.parent == REPO:
             _train_options(rest, where)
         elif path.name == "label_with_llm.py" and path.parent == REPO:
-            from merits.labelling.run import build_parser
+            if rest[:1] == ["merge"]:
+                from merits.labelling.shards import build_merge_parser
 
-            _argparse_check(build_parser(), rest, where)
+                _argparse_check(build_merge_parser(), rest[1:], where)
+            else:
+                from merits.labelling.run import build_parser
+
+                _argparse_check(build_parser(), rest, where)
         else:
             _script_flags(path, rest, where)
     elif program == "merits":

@@ -227,7 +227,7 @@ def test_shards_with_a_killed_shard_and_a_dying_endpoint_merge_to_the_unsharded_
     csv_path = write_csv(tmp_path / "t.csv", 90)
     steady, dying = servers(delay=0.15), servers(delay=0.15, die_after=12)
     out = tmp_path / "out"
-    common = ["--transcripts", csv_path, "--out", out, "--llm-model", "m", "--llm-url", f"{steady.url},{dying.url}",
+    common = ["--transcripts", csv_path, "--out", out, "--llm-model", "m", "--decoding", "choice", "--llm-url", f"{steady.url},{dying.url}",
               "--concurrency", "2", "--max-retries", "3", "--retry-base-delay", "0.05", "--num-shards", "3"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     processes = {i: subprocess.Popen([sys.executable, str(REPO / "label_with_llm.py"), *map(str, common),
@@ -265,7 +265,7 @@ def test_shards_with_a_killed_shard_and_a_dying_endpoint_merge_to_the_unsharded_
     assert summary["rows"] == 90 and sum(summary["rows_per_shard"]) == 90 and summary["num_shards"] == 3
 
     # the same input unsharded, one endpoint: the identical dataset
-    assert main(["--transcripts", csv_path, "--out", tmp_path / "single", "--llm-model", "m", "--llm-url",
+    assert main(["--transcripts", csv_path, "--out", tmp_path / "single", "--llm-model", "m", "--decoding", "choice", "--llm-url",
                  steady.url, "--concurrency", "8"]) == 0
     assert labelled(out) == labelled(tmp_path / "single")
 
@@ -276,13 +276,13 @@ def test_merge_refuses_overlaps_gaps_foreign_and_missing_shards(tmp_path, server
     server = servers()
     csv_path = write_csv(tmp_path / "t.csv", 24)
     out = tmp_path / "out"
-    common = ["--transcripts", csv_path, "--out", out, "--llm-model", "m", "--llm-url", server.url, "--num-shards", "2"]
+    common = ["--transcripts", csv_path, "--out", out, "--llm-model", "m", "--decoding", "choice", "--llm-url", server.url, "--num-shards", "2"]
     assert main([*common, "--shard-index", "0"]) == 0
 
     with pytest.raises(ShardError, match=r"shard\(s\) 1 never started of 2"):
         merge_shards(out)
     # a shard started with other settings is refused, naming them
-    assert main(["--transcripts", csv_path, "--out", out, "--llm-model", "m", "--llm-url", server.url,
+    assert main(["--transcripts", csv_path, "--out", out, "--llm-model", "m", "--decoding", "choice", "--llm-url", server.url,
                  "--num-shards", "3", "--shard-index", "1"]) == 2
     assert main([*common, "--shard-index", "1", "--user-template", "say: {text}"]) == 2
     assert main([*common, "--shard-index", "1", "--limit", "10"]) == 2
@@ -326,7 +326,7 @@ def test_an_empty_shard_is_finished_and_merges(tmp_path, servers):
     num = 8
     empty = next(i for i in range(num) if all(shard_of(x, num) != i for x in ids))
     for index in range(num):
-        code = main(["--transcripts", csv_path, "--out", out, "--llm-model", "m", "--llm-url", server.url,
+        code = main(["--transcripts", csv_path, "--out", out, "--llm-model", "m", "--decoding", "choice", "--llm-url", server.url,
                      "--num-shards", num, "--shard-index", index])
         assert code == 0
     assert (shard_dir(out, empty, num) / "journal" / "summary.json").exists()
@@ -344,7 +344,7 @@ def test_multi_gpu_recipe_script_runs_shards_and_merges(tmp_path, servers):
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHON": sys.executable, "DEVICE": "cpu", "CONCURRENCY": "4",
            "LLM_URLS": f"{first.url},{second.url}"}
     result = subprocess.run(["bash", str(REPO / "scripts" / "label_multi_gpu.sh"), str(out), "3", "--transcripts",
-                             str(csv_path), "--llm-model", "m"], env=env, capture_output=True, text=True, timeout=600)
+                             str(csv_path), "--llm-model", "m", "--decoding", "choice"], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr + "".join(p.read_text() for p in (out / "logs").glob("*.log"))
     assert "merged 3 shards: 40 rows" in result.stderr
     assert len(labelled(out)) == 40 and first.chat_count() > 0 and second.chat_count() > 0

@@ -309,8 +309,8 @@ def merge_shards(out: str | os.PathLike, allow_failed: bool = False, log=None) -
     return summary
 
 
-def merge_main(argv: list[str]) -> int:
-    """``label_with_llm.py merge --out OUT [--allow-failed]``."""
+def build_merge_parser() -> argparse.ArgumentParser:
+    """The parser of ``label_with_llm.py merge --out OUT [--allow-failed]``."""
     parser = argparse.ArgumentParser(
         prog="label_with_llm.py merge",
         description="Check the shards of a sharded labelling run (--num-shards) and merge them into one dataset "
@@ -318,7 +318,12 @@ def merge_main(argv: list[str]) -> int:
     )
     parser.add_argument("--out", required=True, help="the --out the shards were run with")
     parser.add_argument("--allow-failed", action="store_true", help="merge rows whose LLM request failed (label -1)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def merge_main(argv: list[str]) -> int:
+    """``label_with_llm.py merge --out OUT [--allow-failed]``."""
+    args = build_merge_parser().parse_args(argv)
     import datasets
 
     datasets.disable_progress_bars()
