@@ -357,8 +357,10 @@ def test_slurm_array_recipe_script_each_task_with_its_own_server(tmp_path):
     csv_path = write_csv(tmp_path / "t.csv", 30)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests' / 'fake_vllm'}", "PYTHON": sys.executable,
-           "VLLM_PYTHON": sys.executable, "OUT": str(out), "INPUT_ARGS": f"--transcripts {csv_path}",
-           "LLM_MODEL": "m", "NUM_SHARDS": "3", "DEVICE": "cpu", "SERVER_WAIT": "120"}
+           "VLLM_PYTHON": sys.executable, "OUT": str(out),
+           "LLM_MODEL": "m", "NUM_SHARDS": "3", "DEVICE": "cpu", "SERVER_WAIT": "120",
+           # the stand-in server answers text only (no log-probabilities): the choice route
+           "INPUT_ARGS": f"--transcripts {csv_path} --decoding choice"}
     env.pop("LLM_URLS", None)
     tasks = [subprocess.Popen(["bash", str(REPO / "scripts" / "label_slurm_array.sbatch")],
                               env={**env, "SLURM_ARRAY_TASK_ID": str(i), "PORT": str(free_port())},
