@@ -44,6 +44,10 @@ BACKBONES = {
         vocab_size=152064, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
         intermediate_size=18944, max_position_embeddings=131072, rope_theta=1e6, tie_word_embeddings=False,
     ),
+    "sentence-transformers/all-MiniLM-L6-v2": lambda: __import__("transformers").BertConfig(
+        vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+        max_position_embeddings=512, type_vocab_size=2, pad_token_id=0,
+    ),
     "microsoft/wavlm-base-plus": lambda: WavLMConfig(),  # the defaults are WavLM-base(-plus): 12 x 768
     "openai/whisper-large-v3": lambda: WhisperConfig(
         vocab_size=51866, num_mel_bins=128, d_model=1280, encoder_layers=32, encoder_attention_heads=20,
