@@ -140,6 +140,11 @@ def _argparse_check(parser: argparse.ArgumentParser, argv: list[str], where: str
 
 def _script_flags(script: Path, argv: list[str], where: str) -> None:
     source = script.read_text()
+    # a thin entry point (`from merits.x import main`): its options live in that module
+    for module in re.findall(r"^from (merits[\w.]*) import", source, flags=re.M):
+        path = REPO.joinpath(*module.split(".")).with_suffix(".py")
+        if path.is_file():
+            source += path.read_text()
     for token in argv:
         if token.startswith("--"):
             flag = token.split("=", 1)[0]
