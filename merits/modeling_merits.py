@@ -332,11 +332,11 @@ def _conv_output_length(conv_layers, length):
 def masked_group_norm(norm: nn.GroupNorm, hidden, frame_mask):
     """`norm` (an nn.GroupNorm) on `hidden` [B, C, T] with each sample's statistics taken over its valid frames only
     (`frame_mask` [B, T] bool): the same mean, biased variance, eps and affine weight/bias as `norm` on the valid frames
-    alone. Statistics in float32 (as GroupNorm under autocast / in half precision); padded frames are NOT zeroed here."""
+    alone. Statistics in float32 (as GroupNorm's own kernels in half precision); padded frames are NOT zeroed here."""
     batch, channels, frames = hidden.shape
     out_dtype = hidden.dtype
-    if hidden.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(hidden.device.type):
-        out_dtype = torch.float32  # autocast runs group_norm in float32
+    if hidden.dtype in (torch.float16, torch.bfloat16) and hidden.is_cuda and torch.is_autocast_enabled():
+        out_dtype = torch.float32  # CUDA autocast runs group_norm in float32 (CPU autocast keeps the input's dtype)
     x = hidden.float().reshape(batch, norm.num_groups, channels // norm.num_groups, frames)
     keep = frame_mask.bool()[:, None, None, :]
     count = (keep.sum(-1, keepdim=True) * x.shape[2]).clamp(min=1).to(x.dtype)  # [B, 1, 1, 1]
@@ -493,7 +493,7 @@ class MeritsSpeechEncoder(nn.Module):
         encoder = getattr(self.backbone, "feature_extractor", None)
         if (input_values is not None and audio_attention_mask is not None
                 and getattr(getattr(self.backbone, "config", None), "feat_extract_norm", None) == "group"
-                and "forward" in vars(encoder or nn.Module())):  # batch_friendly's forward reads the lengths
+                and encoder is not None and "forward" in vars(encoder)):  # batch_friendly's forward reads the lengths
             lengths = audio_attention_mask.sum(-1)
             encoder._merits_input_lengths = lengths
             try:
