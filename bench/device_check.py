@@ -521,7 +521,7 @@ def section_extraction(figures: dict, device, size: dict, smoke: bool, budget: B
 SECTIONS = ("environment", "matmul_peak", "model_tests", "moe_step", "merits_l_steps", "extraction", "host_tests")
 
 
-def record_json(path: Path) -> dict:
+def record_json(path: Path, name: str | None = None) -> dict:
     """Store a finished device check's figures (flattened as section/key) via bench/common.record."""
     sys.path.insert(0, str(REPO / "bench"))
     from common import record
@@ -544,7 +544,7 @@ def record_json(path: Path) -> dict:
                "cpu_count": env.get("cpu_count"), "torch": env.get("torch"),
                "torch_threads": env.get("torch_threads"), "python": env.get("python"),
                "transformers": env.get("transformers"), "accelerate": env.get("accelerate")}
-    name = "device_check_" + gpu.lower().replace("nvidia ", "").replace(" ", "_")
+    name = name or "device_check_" + gpu.lower().replace("nvidia ", "").replace(" ", "_")
     notes = (f"measured on {gpu} by `bash bench/device_check.sh` ({data['meta'].get('mode')}, "
              f"{data['meta'].get('total_seconds')} s); errors: {', '.join(data['meta'].get('errors') or []) or 'none'}; "
              f"source {path.name}")
@@ -569,12 +569,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--record", default=None, metavar="JSON",
                         help="do not measure: store a device check JSON (e.g. from the GPU machine) in "
                              "bench/results.json and bench/RESULTS.md as the entry device_check_<gpu>")
+    parser.add_argument("--record_name", default=None, metavar="NAME",
+                        help="with --record: the entry's name instead of device_check_<gpu> (keeps an earlier "
+                             "run's entry, e.g. device_check_h200_run2)")
     args = parser.parse_args(argv)
     unknown = set(args.sections.split(",")) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; valid: {', '.join(SECTIONS)}")
     if args.record:
-        return record_json(Path(args.record))
+        return record_json(Path(args.record), name=args.record_name)
 
     import torch
 

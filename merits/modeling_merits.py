@@ -321,11 +321,74 @@ class MeritsTextEncoder(nn.Module):
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
 
-def _feature_encoder_per_utterance(self, input_values):
-    """A wav2vec2-family convolutional feature encoder run one utterance at a time (it never mixes utterances)."""
-    if input_values.shape[0] <= 1 or input_values.device.type != "cpu":  # a CPU cache optimisation: batched on GPUs
-        return type(self).forward(self, input_values)
-    return torch.cat([type(self).forward(self, row) for row in input_values.split(1)], dim=0)
+def _conv_output_length(conv_layers, length):
+    """Frames out of a stack of feature-encoder conv layers for `length` input samples (int or tensor): floor((L -
+    kernel) / stride) + 1 per layer, as the backbone's `_get_feat_extract_output_lengths` (may go <= 0: no frame)."""
+    for layer in conv_layers:
+        length = (length - layer.conv.kernel_size[0]) // layer.conv.stride[0] + 1
+    return length
+
+
+def masked_group_norm(norm: nn.GroupNorm, hidden, frame_mask):
+    """`norm` (an nn.GroupNorm) on `hidden` [B, C, T] with each sample's statistics taken over its valid frames only
+    (`frame_mask` [B, T] bool): the same mean, biased variance, eps and affine weight/bias as `norm` on the valid frames
+    alone. Statistics in float32 (as GroupNorm's own kernels in half precision); padded frames are NOT zeroed here."""
+    batch, channels, frames = hidden.shape
+    out_dtype = hidden.dtype
+    if hidden.dtype in (torch.float16, torch.bfloat16) and hidden.is_cuda and torch.is_autocast_enabled():
+        out_dtype = torch.float32  # CUDA autocast runs group_norm in float32 (CPU autocast keeps the input's dtype)
+    x = hidden.float().reshape(batch, norm.num_groups, channels // norm.num_groups, frames)
+    keep = frame_mask.bool()[:, None, None, :]
+    count = (keep.sum(-1, keepdim=True) * x.shape[2]).clamp(min=1).to(x.dtype)  # [B, 1, 1, 1]
+    mean = x.masked_fill(~keep, 0.0).sum((2, 3), keepdim=True) / count
+    centered = (x - mean).masked_fill(~keep, 0.0)
+    var = centered.square().sum((2, 3), keepdim=True) / count
+    x = ((x - mean) * torch.rsqrt(var + norm.eps)).reshape(batch, channels, frames)
+    if norm.affine:
+        x = x * norm.weight.float()[:, None] + norm.bias.float()[:, None]
+    return x.to(out_dtype)
+
+
+def _feature_encoder_forward(self, input_values):
+    """A wav2vec2-family convolutional feature encoder (`batch_friendly`); it never mixes utterances except through a
+    GroupNorm first layer (`feat_extract_norm="group"`), which normalises each channel over the whole time axis.
+
+    `self._merits_input_lengths` [B] (each row's real samples, right padding; set by `MeritsSpeechEncoder.
+    pool_backbone` for one call) makes that layer exact: batched (GPUs), layer 0's conv runs on the whole batch, its
+    GroupNorm takes each row's statistics over the row's valid frames only (`masked_group_norm`), padded frames are
+    zeroed, and the remaining conv layers run batched (a valid output frame only reads valid input frames). On a
+    CPU (`MeritsSpeechEncoder.feature_encoder_per_utterance`) each row runs alone on its own samples (a cache
+    optimisation), zero-padded to the batch's frames."""
+    lengths = getattr(self, "_merits_input_lengths", None)
+    layers = self.conv_layers
+    group_norm = isinstance(getattr(layers[0], "layer_norm", None), nn.GroupNorm)
+    per_utterance = MeritsSpeechEncoder.feature_encoder_per_utterance
+    if per_utterance is None:
+        per_utterance = input_values.device.type == "cpu"
+    if lengths is None or not group_norm:
+        if input_values.shape[0] <= 1 or not per_utterance:
+            return type(self).forward(self, input_values)
+        return torch.cat([type(self).forward(self, row) for row in input_values.split(1)], dim=0)
+    frames = _conv_output_length(layers, input_values.shape[1])
+    if per_utterance:
+        counts = lengths.tolist()
+        rows = [type(self).forward(self, input_values[i : i + 1, : int(n)])
+                if _conv_output_length(layers, int(n)) > 0 else None for i, n in enumerate(counts)]
+        done = next((row for row in rows if row is not None), None)
+        if done is not None:
+            return torch.cat([done.new_zeros(1, done.shape[1], frames) if row is None
+                              else F.pad(row, (0, frames - row.shape[-1])) for row in rows], dim=0)
+    hidden = input_values[:, None]
+    if self._requires_grad and self.training:  # as the backbone's own forward (gradient checkpointing)
+        hidden.requires_grad = True
+    first = layers[0]
+    hidden = first.conv(hidden)
+    valid = torch.arange(hidden.shape[-1], device=hidden.device) < _conv_output_length(layers[:1], lengths)[:, None]
+    hidden = first.activation(masked_group_norm(first.layer_norm, hidden, valid))
+    hidden = hidden.masked_fill(~valid[:, None, :], 0.0)
+    for layer in layers[1:]:
+        hidden = layer(hidden)
+    return hidden
 
 
 def _self_attention_sequence_first(self, hidden_states, *args, **kwargs):
@@ -339,7 +402,9 @@ def batch_friendly(backbone: nn.Module) -> nn.Module:
     utterance at a time on a CPU (measured on WavLM-base-plus, 4 x 3.5 s; bench/bench_extraction.py):
 
     - the convolutional feature encoder runs per utterance: over [B, 512, 50 x 5 x seconds] its activations leave
-      the CPU caches (batched it cost 1.2x per utterance);
+      the CPU caches (batched it cost 1.2x per utterance); on GPUs it runs batched. Given the rows' lengths (by
+      `MeritsSpeechEncoder.pool_backbone`), a GroupNorm first layer is made exact under padding
+      (`_feature_encoder_forward`);
     - WavLM's attention hands `F.multi_head_attention_forward` the view `hidden_states.transpose(0, 1)`; for B > 1
       that view is not contiguous and the q/k/v projections run as one small matrix product per frame (24 % of the
       batched pass); fed a tensor stored sequence-first, the view is contiguous and each projection is one product.
@@ -348,7 +413,7 @@ def batch_friendly(backbone: nn.Module) -> nn.Module:
     `state_dict` are unaffected); a backbone without these parts is returned as it is."""
     for module in backbone.modules():
         if type(module).__name__.endswith("FeatureEncoder") and hasattr(module, "conv_layers"):
-            module.forward = types.MethodType(_feature_encoder_per_utterance, module)
+            module.forward = types.MethodType(_feature_encoder_forward, module)
         if hasattr(type(module), "torch_multi_head_self_attention"):
             module.torch_multi_head_self_attention = types.MethodType(_self_attention_sequence_first, module)
     return backbone
@@ -362,6 +427,10 @@ class MeritsSpeechEncoder(nn.Module):
 
     `forward(...) -> (embeds [N, D_audio], logits [N, C])`.
     """
+
+    # where a wav2vec2-family feature encoder runs utterance by utterance (`_feature_encoder_forward`): None = by
+    # device (on a CPU, a cache optimisation; batched elsewhere); False forces the batched route (the GPU path)
+    feature_encoder_per_utterance = None
 
     def __init__(self, config: MeritsConfig):
         super().__init__()
@@ -417,22 +486,24 @@ class MeritsSpeechEncoder(nn.Module):
         """Frozen backbone -> layer-weighted, time-averaged vector [N, hidden].
 
         A wav2vec2-family feature encoder with `feat_extract_norm="group"` (wav2vec2/WavLM base) normalises each
-        channel over the whole time axis, padding included: padded rows then run unpadded, rows of one length together,
-        so an utterance's vector is the same alone or in any batch (on every device: exactness, not speed)."""
-        if (input_values is not None and audio_attention_mask is not None and input_values.shape[0] > 1
-                and getattr(getattr(self.backbone, "config", None), "feat_extract_norm", None) == "group"):
-            lengths = audio_attention_mask.sum(-1).tolist()  # right padding, as the feature extractors pad
-            if min(lengths) < input_values.shape[1] and max(lengths) > 0:
-                pooled = [None] * len(lengths)
-                for length in sorted(set(lengths) - {0}):
-                    rows = [i for i, n in enumerate(lengths) if n == length]
-                    index = torch.tensor(rows, device=input_values.device)
-                    vectors = self.pool_backbone(input_values.index_select(0, index)[:, : int(length)])
-                    for i, vector in zip(rows, vectors):
-                        pooled[i] = vector
-                empty = next(v for v in pooled if v is not None).new_zeros(())  # no real sample: zeros, as before
-                return torch.stack([v if v is not None else empty.expand_as(pooled[lengths.index(max(lengths))])
-                                    for v in pooled])
+        channel of its first layer over the whole time axis, padding included: given `audio_attention_mask` (right
+        padding), the feature encoder gets each row's length and normalises over the row's own frames (a masked
+        GroupNorm, batched; `_feature_encoder_forward`), so an utterance's vector is the same alone or in any batch.
+        A row without samples pools to zeros."""
+        encoder = getattr(self.backbone, "feature_extractor", None)
+        if (input_values is not None and audio_attention_mask is not None
+                and getattr(getattr(self.backbone, "config", None), "feat_extract_norm", None) == "group"
+                and encoder is not None and "forward" in vars(encoder)):  # batch_friendly's forward reads the lengths
+            lengths = audio_attention_mask.sum(-1)
+            encoder._merits_input_lengths = lengths
+            try:
+                pooled = self._pool_backbone(input_values, input_features, audio_attention_mask)
+            finally:
+                del encoder._merits_input_lengths
+            return torch.where((lengths > 0)[:, None], pooled, torch.zeros((), dtype=pooled.dtype, device=pooled.device))
+        return self._pool_backbone(input_values, input_features, audio_attention_mask)
+
+    def _pool_backbone(self, input_values=None, input_features=None, audio_attention_mask=None):
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.backbone.parameters())
         if input_features is not None and is_whisper_encoder(self.backbone):
             # each clip on its own mel frames (whisper_encoder_merits.py), not on 30 s of padding
