@@ -76,22 +76,10 @@ def load_rows(dataset: str, file: str, split: str | None, label_names: list[str]
             loaded = datasets.Dataset.from_parquet([str(p) for p in sorted(path.glob("*.parquet"))])
         else:
             loaded = datasets.load_from_disk(str(path))
-    elif dataset == "meld":
-        names = {n.lower() for n in label_names}
-        label = "sentiment" if names <= {"positive", "negative", "neutral"} else "emotion"
-        loaded = data.load_meld(path, label=label, missing_audio="none")
-        if path.is_file() and split is not None:
-            loaded = {split: next(iter(loaded.values()))}
-    elif dataset == "mosi":
-        loaded = data.load_mosi(path, missing_audio="none")
-    elif dataset == "iemocap":
-        loaded = data.load_iemocap(path, num_classes=len(label_names), other_labels="drop", missing_audio="none")
-    elif dataset == "emodb":
-        loaded = data.load_emodb(path) if path.is_dir() or path.name == "labels.csv" else data.load_folder(path)
+    elif dataset in data.SCORING_CORPORA:
+        loaded = data.load_labelled_corpus(dataset, path, label_names, split)
     else:
         raise AnalysisError(f"unknown dataset {dataset!r}")
-    if isinstance(loaded, dict) and not isinstance(loaded, datasets.DatasetDict):
-        loaded = datasets.DatasetDict(loaded)
     rows = _select(loaded, split, where)
     for column in ("dialogue_id", "turn", "label"):
         if column not in rows.column_names:

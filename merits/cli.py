@@ -340,25 +340,9 @@ def _load_labelled_dataset(dataset: str, file: str, split: str | None, model):
     if not path.exists():
         raise CliError(f"--file {file}: not found.")
     where = f"{dataset} file {file}"
-    labels = {name.lower() for name in model.config.label2id}
-    if dataset == "meld":
-        label = "sentiment" if labels <= {"positive", "negative", "neutral"} else "emotion"
-        loaded = data.load_meld(path, label=label, missing_audio="none")
-        if path.is_file() and split is not None:
-            # a single CSV is one split whatever its name: --split only filters a folder of CSVs
-            loaded = {split: next(iter(loaded.values()))}
-    elif dataset == "mosi":
-        loaded = data.load_mosi(path, missing_audio="none")
-    elif dataset == "iemocap":
-        loaded = data.load_iemocap(path, num_classes=len(labels), other_labels="drop", missing_audio="none")
-    elif dataset == "emodb":
-        loaded = data.load_emodb(path) if path.is_dir() or path.name == "labels.csv" else data.load_folder(path)
-    else:
+    if dataset not in data.SCORING_CORPORA:
         raise CliError(f"unknown dataset {dataset!r}")
-    if isinstance(loaded, dict) and not hasattr(loaded, "column_names"):
-        import datasets
-
-        loaded = datasets.DatasetDict(loaded) if not isinstance(loaded, datasets.DatasetDict) else loaded
+    loaded = data.load_labelled_corpus(dataset, path, list(model.config.label2id), split)
     return _select_split(loaded, split, where)
 
 

@@ -19,6 +19,7 @@ function                    corpus
 
 from .audio import AudioError, load_audio
 from .cache import build_embedding_cache, embedding_cache_fingerprint
+from .corpora import SCORING_CORPORA, load_labelled_corpus
 from .collate import (
     ConversationCollator,
     ConversationDataset,
@@ -37,6 +38,8 @@ from .schema import DataFormatError, LoadReport, conversation_features
 
 __all__ = [
     "AudioError",
+    "SCORING_CORPORA",
+    "load_labelled_corpus",
     "ConversationCollator",
     "ConversationDataset",
     "DataFormatError",
