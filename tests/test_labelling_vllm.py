@@ -137,7 +137,8 @@ def test_unbroken_run_every_reply_parses(reference, vllm_server, tmp_path, run_c
     csv_path = write_csv(tmp_path / "few.csv", 20)
     cut = run_cli("--transcripts", csv_path, "--llm-url", vllm_server.url, "--llm-model", "tiny-llama",
                   "--out", tmp_path / "cut", "--max-tokens", "4", "--decoding", "choice")
-    assert cut.returncode == 0, cut.stderr
+    # replies that are not a label are failures of the run: counted, warned, exit 1 (issue 19; --accept-failures: 0)
+    assert cut.returncode == 1 and "replies that are not a label" in cut.stderr, cut.stderr
     cut_summary = json.loads((tmp_path / "cut" / "journal" / "summary.json").read_text())
     assert cut_summary["max_tokens"] == 4 and cut_summary["counts"]["unparsed"] > 0, cut_summary
 
