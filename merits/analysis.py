@@ -33,7 +33,6 @@ from .configuration_merits import EXPERTS
 
 
 MODALITIES = {"speech": "audio", "text": "text"}
-SPLIT_ALIASES = {"dev": "validation", "valid": "validation", "val": "validation"}
 
 
 class AnalysisError(ValueError):
@@ -43,20 +42,14 @@ class AnalysisError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # Inputs
 # ----------------------------------------------------------------------------------------------
-def _select(loaded, split, where):
-    import datasets
+def _select(loaded, split: str | None, where: str):
+    """One split of ``loaded`` (all of them concatenated when ``split`` is None): merits.data.select_split."""
+    from merits.data import SplitError, select_split
 
-    if isinstance(loaded, datasets.Dataset):
-        if split is not None:
-            raise AnalysisError(f"{where}: --split {split} given but the file has no splits.")
-        return loaded
-    if split is not None:
-        split = SPLIT_ALIASES.get(split, split)
-        if split not in loaded:
-            raise AnalysisError(f"{where}: no '{split}' rows (splits present: {sorted(loaded)}).")
-        return loaded[split]
-    parts = [loaded[name] for name in loaded]
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    try:
+        return select_split(loaded, split, where)
+    except SplitError as error:
+        raise AnalysisError(str(error)) from None
 
 
 def load_rows(dataset: str, file: str, split: str | None, label_names: list[str]):

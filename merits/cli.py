@@ -312,24 +312,16 @@ def _map_label(name: Any, lookup: dict, model_labels: list, where: str) -> int:
     return lookup[key]
 
 
-SPLIT_ALIASES = {"dev": "validation", "valid": "validation", "val": "validation"}
 
 
-def _select_split(dataset_dict, split: str | None, where: str):
-    """One split of a DatasetDict, or all of its splits concatenated when ``split`` is None."""
-    import datasets
+def _select_split(loaded, split: str | None, where: str):
+    """One split of ``loaded`` (all of them concatenated when ``split`` is None): merits.data.select_split."""
+    from merits.data import SplitError, select_split
 
-    if isinstance(dataset_dict, datasets.Dataset):
-        if split is not None:
-            raise CliError(f"{where}: --split {split} given but the file has no splits.")
-        return dataset_dict
-    if split is not None:
-        split = SPLIT_ALIASES.get(split, split)
-        if split not in dataset_dict:
-            raise CliError(f"{where}: no '{split}' rows (splits present: {sorted(dataset_dict)}).")
-        return dataset_dict[split]
-    parts = [dataset_dict[name] for name in dataset_dict]
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    try:
+        return select_split(loaded, split, where)
+    except SplitError as error:
+        raise CliError(str(error)) from None
 
 
 def _load_labelled_dataset(dataset: str, file: str, split: str | None, model):
@@ -454,7 +446,6 @@ def _predict_raw(model_dir: str, ds, args, where: str) -> tuple[list[int], list[
 
 def _predict_features(model_dir: str, ds, args, where: str) -> tuple[list[int], list[int]]:
     """Run the model's context/fusion/gate part over a feature dataset (precomputed utterance embeddings)."""
-    import numpy as np
     import torch
     from tqdm.auto import tqdm
 

@@ -19,7 +19,7 @@ function                    corpus
 
 from .audio import AudioError, load_audio
 from .cache import build_embedding_cache, embedding_cache_fingerprint
-from .corpora import SCORING_CORPORA, load_labelled_corpus
+from .corpora import SCORING_CORPORA, SplitError, load_labelled_corpus, select_split
 from .collate import (
     ConversationCollator,
     ConversationDataset,
@@ -39,6 +39,8 @@ from .schema import DataFormatError, LoadReport, conversation_features
 __all__ = [
     "AudioError",
     "SCORING_CORPORA",
+    "SplitError",
+    "select_split",
     "load_labelled_corpus",
     "ConversationCollator",
     "ConversationDataset",

@@ -10,6 +10,9 @@ from .iemocap import load_iemocap
 from .meld import load_meld
 from .mosi import load_mosi
 
+#: Split names users type for the validation split.
+SPLIT_ALIASES = {"dev": "validation", "valid": "validation", "val": "validation"}
+
 #: The corpora `load_labelled_corpus` reads.
 SCORING_CORPORA: tuple[str, ...] = ("meld", "mosi", "iemocap", "emodb")
 
@@ -40,3 +43,25 @@ def load_labelled_corpus(dataset: str, path: str | Path, label_names, split: str
     if isinstance(loaded, dict) and not isinstance(loaded, datasets.DatasetDict):
         loaded = datasets.DatasetDict(loaded)
     return loaded
+
+
+class SplitError(ValueError):
+    """The asked split is not in the loaded corpus."""
+
+
+def select_split(loaded, split: str | None, where: str):
+    """One split of a ``DatasetDict`` (``dev``/``valid``/``val`` mean ``validation``), or all of its splits
+    concatenated when ``split`` is None; a plain ``Dataset`` has no splits. :class:`SplitError` names ``where``."""
+    import datasets
+
+    if isinstance(loaded, datasets.Dataset):
+        if split is not None:
+            raise SplitError(f"{where}: --split {split} given but the file has no splits.")
+        return loaded
+    if split is not None:
+        split = SPLIT_ALIASES.get(split, split)
+        if split not in loaded:
+            raise SplitError(f"{where}: no '{split}' rows (splits present: {sorted(loaded)}).")
+        return loaded[split]
+    parts = [loaded[name] for name in loaded]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
