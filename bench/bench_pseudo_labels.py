@@ -18,7 +18,7 @@ Two modes, both recorded with ``bench/common.record``:
 
     python bench/bench_pseudo_labels.py --labelled /tmp/meld_dev_labels --meld-csv ../shared/data/meld/dev_sent_emo.csv
 
-    reads the dataset (``datasets.load_from_disk``), joins it to the MELD CSV by ``id`` (``Sr No.``, as
+    reads the dataset (``datasets.load_from_disk``), joins it to the MELD CSV by ``id`` (``dia{Dialogue_ID}_utt{Utterance_ID}``, as
     :func:`meld_transcripts_csv` writes it), and reports accuracy, weighted / macro F1 and the confusion
     matrix of the LLM labels, VADER and the majority class (of MELD train), plus the rows/s from the run's
     ``journal/summary.json`` when the run recorded it.
@@ -79,11 +79,21 @@ VARIANTS: dict[str, dict] = {
 
 def read_meld(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as handle:
-        return [{"id": row["Sr No."], "text": row["Utterance"], "oracle": row["Sentiment"]} for row in csv.DictReader(handle)]
+        # ``Sr No.`` repeats in MELD train (e.g. 329 on lines 324 and 344): the id is MELD's own clip name
+        return [{"id": meld_row_id(row), "text": row["Utterance"], "oracle": row["Sentiment"]}
+                for row in csv.DictReader(handle)]
+
+
+def meld_row_id(row: dict) -> str:
+    """``dia{Dialogue_ID}_utt{Utterance_ID}``, the name of the row's clip in MELD's release (unique per split);
+    ``Sr No.`` where a CSV lacks the two columns."""
+    if row.get("Dialogue_ID") not in (None, "") and row.get("Utterance_ID") not in (None, ""):
+        return f"dia{row['Dialogue_ID'].strip()}_utt{row['Utterance_ID'].strip()}"
+    return row["Sr No."]
 
 
 def meld_transcripts_csv(meld_csv: Path, out_csv: Path) -> Path:
-    """MELD's CSV as a ``label_with_llm.py --transcripts`` input: id = ``Sr No.``, text, and the oracle column."""
+    """MELD's CSV as a ``label_with_llm.py --transcripts`` input: id = ``dia{Dialogue_ID}_utt{Utterance_ID}``, text, and the oracle column."""
     rows = read_meld(meld_csv)
     with open(out_csv, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)

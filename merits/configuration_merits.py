@@ -144,6 +144,10 @@ class MeritsConfig(PretrainedConfig):
         audio_feature_dim (`int`, *optional*): size F of precomputed speech-head inputs (`audio_features` [.., F]).
         audio_feature_layers (`int`, *optional*): K when `audio_features` is a layer stack [.., K, F] (CARE, §2.3);
             the head mixes the K layers with softmax-normalised learned weights.
+        standardize_speech_layers (`bool`): standardise each layer's time-pooled vector with a training-set mean and
+            std before the layer mix (buffers `layer_mean` / `layer_std` [K, F] of the speech encoder, saved with the
+            weights; set by train.py from the training utterances). For a frozen backbone (e.g. the Whisper encoder)
+            or layer stacks, whose hidden states differ in scale from layer to layer. Default False.
         stage (`str`): the training stage (see docs/design.md §3). Default "fusion" (merits-l with both
             modalities), "context" (merits-l with one modality), "moe" (mister-e).
         causal (`bool`): unidirectional GRUs, left-only convolutions and causal attention (for streaming).
@@ -213,6 +217,7 @@ class MeritsConfig(PretrainedConfig):
         audio_embed_dim=None,
         audio_feature_dim=None,
         audio_feature_layers=None,
+        standardize_speech_layers=False,
         stage=None,
         causal=False,
         experts=None,
@@ -293,6 +298,7 @@ class MeritsConfig(PretrainedConfig):
         # ---- speech utterance encoder (head) ---------------------------------------------------------------
         self.audio_feature_dim = audio_feature_dim
         self.audio_feature_layers = audio_feature_layers
+        self.standardize_speech_layers = bool(standardize_speech_layers)
         self.speech_head_hidden_sizes = [int(h) for h in pick(speech_head_hidden_sizes, "speech_head_hidden_sizes")]
         if not self.speech_head_hidden_sizes:
             raise ValueError("`speech_head_hidden_sizes` needs at least one size (the speech embedding size).")
@@ -470,6 +476,9 @@ class MeritsConfig(PretrainedConfig):
                 raise ValueError(f"`audio_feature_layers` must be >= 1, got {self.audio_feature_layers}.")
         if self.audio_feature_dim is not None:
             self.audio_feature_dim = int(self.audio_feature_dim)
+        if self.standardize_speech_layers and self.audio_config is None and self.audio_feature_layers is None:
+            raise ValueError("`standardize_speech_layers` needs a speech backbone (`audio_config`) or layer stacks "
+                             "(`audio_feature_layers`).")
         if self.audio_config is None and self.audio_feature_dim is None:
             return None if audio_embed_dim is None else int(audio_embed_dim)
         derived = self.speech_head_hidden_sizes[-1]

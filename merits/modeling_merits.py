@@ -419,6 +419,12 @@ def batch_friendly(backbone: nn.Module) -> nn.Module:
     return backbone
 
 
+def _masked_time_mean(hidden, frame_mask):
+    """[K, N, T, H] states, [N, T] frame mask -> [K, N, H] means over each row's own frames (0 for a row with none)."""
+    weights = frame_mask[None, :, :, None].to(hidden.dtype)
+    return (hidden * weights).sum(2) / weights.sum(2).clamp(min=1.0)
+
+
 class MeritsSpeechEncoder(nn.Module):
     """Speech utterance encoder: a frozen speech backbone (wav2vec2 / HuBERT / WavLM `input_values`, or the Whisper
     encoder `input_features`) with softmax-normalised learned weights over all its hidden states and a masked mean over
@@ -452,8 +458,15 @@ class MeritsSpeechEncoder(nn.Module):
             input_size = _backbone_hidden_size(config.audio_config)
         else:
             input_size = config.audio_feature_dim
-            if config.audio_feature_layers is not None:
-                self.layer_weights = nn.Parameter(torch.zeros(config.audio_feature_layers))
+            num_states = config.audio_feature_layers
+            if num_states is not None:
+                self.layer_weights = nn.Parameter(torch.zeros(num_states))
+        if getattr(config, "standardize_speech_layers", False):
+            # each layer's pooled vector standardised before the mix, with training-set statistics (set_layer_statistics)
+            self.register_buffer("layer_mean", torch.zeros(num_states, input_size))
+            self.register_buffer("layer_std", torch.ones(num_states, input_size))
+        else:
+            self.layer_mean = self.layer_std = None
         layers = [MeritsDropout(config.speech_head_input_dropout)] if config.speech_head_input_dropout > 0 else []
         for index, hidden_size in enumerate(config.speech_head_hidden_sizes):
             if index > 0:
@@ -482,8 +495,32 @@ class MeritsSpeechEncoder(nn.Module):
         weights = torch.softmax(self.layer_weights, dim=0).to(stacked.dtype)
         return torch.einsum("k,k...->...", weights, stacked)
 
+    @torch.no_grad()
+    def set_layer_statistics(self, mean, std, min_std: float = 1e-3):
+        """Set the standardisation of the pooled layers (`standardize_speech_layers`): `mean` / `std` [K, F], the
+        training utterances' statistics of `pooled_layers` (std floored at `min_std`)."""
+        if self.layer_mean is None:
+            raise ValueError("This speech encoder does not standardise its layers (config.standardize_speech_layers).")
+        mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        if mean.shape != self.layer_mean.shape or std.shape != self.layer_std.shape:
+            raise ValueError(f"layer statistics must have shape {tuple(self.layer_mean.shape)}, got "
+                             f"{tuple(mean.shape)} and {tuple(std.shape)}")
+        self.layer_mean.copy_(mean)
+        self.layer_std.copy_(std.clamp(min=min_std))
+
+    def standardize_and_mix(self, stacked):
+        """[K, N, F] pooled layers -> [N, F]: standardised (`standardize_speech_layers`), then mixed."""
+        if self.layer_mean is not None:
+            stacked = (stacked - self.layer_mean[:, None].to(stacked.dtype)) / self.layer_std[:, None].to(stacked.dtype)
+        return self.mix_layers(stacked)
+
     def pool_backbone(self, input_values=None, input_features=None, audio_attention_mask=None):
-        """Frozen backbone -> layer-weighted, time-averaged vector [N, hidden].
+        """Frozen backbone -> layer-weighted, time-averaged vector [N, hidden] (`pooled_layers`, then
+        `standardize_and_mix`; the mix commutes with the time mean)."""
+        return self.standardize_and_mix(self.pooled_layers(input_values, input_features, audio_attention_mask))
+
+    def pooled_layers(self, input_values=None, input_features=None, audio_attention_mask=None):
+        """Frozen backbone -> every hidden state averaged over the utterance's own frames, [K, N, hidden].
 
         A wav2vec2-family feature encoder with `feat_extract_norm="group"` (wav2vec2/WavLM base) normalises each
         channel of its first layer over the whole time axis, padding included: given `audio_attention_mask` (right
@@ -497,21 +534,19 @@ class MeritsSpeechEncoder(nn.Module):
             lengths = audio_attention_mask.sum(-1)
             encoder._merits_input_lengths = lengths
             try:
-                pooled = self._pool_backbone(input_values, input_features, audio_attention_mask)
+                pooled = self._pooled_layers(input_values, input_features, audio_attention_mask)
             finally:
                 del encoder._merits_input_lengths
-            return torch.where((lengths > 0)[:, None], pooled, torch.zeros((), dtype=pooled.dtype, device=pooled.device))
-        return self._pool_backbone(input_values, input_features, audio_attention_mask)
+            return torch.where((lengths > 0)[None, :, None], pooled, torch.zeros((), dtype=pooled.dtype, device=pooled.device))
+        return self._pooled_layers(input_values, input_features, audio_attention_mask)
 
-    def _pool_backbone(self, input_values=None, input_features=None, audio_attention_mask=None):
+    def _pooled_layers(self, input_values=None, input_features=None, audio_attention_mask=None):
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.backbone.parameters())
         if input_features is not None and is_whisper_encoder(self.backbone):
             # each clip on its own mel frames (whisper_encoder_merits.py), not on 30 s of padding
             with torch.set_grad_enabled(grad):
                 states, frame_mask = whisper_encoder_own_frames(self.backbone, input_features, audio_attention_mask)
-            hidden = self.mix_layers(torch.stack(states, dim=0))
-            weights = frame_mask.unsqueeze(-1).to(hidden.dtype)
-            return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            return _masked_time_mean(torch.stack(states, dim=0), frame_mask)
         with torch.set_grad_enabled(grad):
             if input_features is not None:
                 outputs = self.backbone(input_features=input_features, output_hidden_states=True)
@@ -521,17 +556,16 @@ class MeritsSpeechEncoder(nn.Module):
                 )
             else:
                 raise ValueError("The speech backbone needs `input_values` (waveforms) or `input_features` (Whisper mels).")
-        hidden = self.mix_layers(torch.stack(outputs.hidden_states, dim=0))  # [N, frames, H]
-        frames = hidden.shape[1]
+        hidden = torch.stack(outputs.hidden_states, dim=0)  # [K, N, frames, H]
+        frames = hidden.shape[2]
         if audio_attention_mask is None:
-            return hidden.mean(1)
+            return hidden.mean(2)
         if input_features is not None:  # mel-frame mask -> encoder-frame mask (Whisper downsamples by 2)
             stride = max(1, audio_attention_mask.shape[-1] // frames)
             frame_mask = audio_attention_mask[:, ::stride][:, :frames].bool()
         else:
             frame_mask = self.backbone._get_feature_vector_attention_mask(frames, audio_attention_mask).bool()
-        weights = frame_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return _masked_time_mean(hidden, frame_mask)
 
     def forward(self, input_values=None, input_features=None, audio_attention_mask=None, audio_features=None):
         if self.backbone is not None:
@@ -549,7 +583,7 @@ class MeritsSpeechEncoder(nn.Module):
                 )
             pooled = audio_features
             if self.layer_weights is not None:
-                pooled = self.mix_layers(audio_features.transpose(0, 1))
+                pooled = self.standardize_and_mix(audio_features.transpose(0, 1))
         embeds = self.head(pooled)
         hidden = self.embed_activation(embeds) if self.embed_activation is not None else embeds
         logits = self.classifier(self.dropout(hidden))
@@ -1312,6 +1346,9 @@ class MeritsPreTrainedModel(PreTrainedModel):
                     init.zeros_(param)
         elif isinstance(module, MeritsSpeechEncoder) and module.layer_weights is not None:
             init.zeros_(module.layer_weights)
+            if module.layer_mean is not None:
+                init.zeros_(module.layer_mean)
+                init.ones_(module.layer_std)
         if getattr(module, "_conversation_level", False) and getattr(self.config, "conversation_init", "pytorch") == "pytorch":
             _pytorch_default_init(module)
             projection = getattr(module, "_mha_projection", None)

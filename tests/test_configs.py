@@ -331,3 +331,58 @@ def test_train_py_help_prints_usage_and_exits_0(flag):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: train.py") and "learning_rate" in done.stdout
     assert "error" not in done.stderr
+
+
+def test_speaker_folds_on_a_frozen_whisper_encoder(tmp_path):
+    """emodb_whisper_cpu.yaml's route with a tiny random Whisper: the backbone's pooled layers are computed once, the
+    head (per-layer standardisation + learned layer weights) is trained per fold on them, and best/ is the whole model
+    (encoder + head) reading raw audio: `merits evaluate` on it scores the corpus as the trained head did."""
+    from transformers import WhisperFeatureExtractor, WhisperModel
+
+    from merits.cli import main as cli_main
+    from merits.training import main
+
+    from _tiny import tiny_whisper_config
+
+    torch.set_num_threads(1)
+    data = _synthetic_emotion_folder(tmp_path / "corpus")
+    backbone = tmp_path / "whisper"
+    torch.manual_seed(0)
+    WhisperModel(tiny_whisper_config(num_mel_bins=80, max_source_positions=1500)).save_pretrained(backbone)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(backbone)
+    out = tmp_path / "out"
+    argv = ["--config", str(REPO / "configs" / "emodb_whisper_cpu.yaml"), "--dataset", "folder", "--data_dir", str(data),
+            "--audio_model_name_or_path", str(backbone), "--output_dir", str(out), "--utterance.num_epochs", "6",
+            "--utterance.batch_size", "8"]
+    results = main(argv)
+    assert results["speaker_folds"] == 4 and 1 <= results["final_epochs"] <= 6
+    assert 0.0 <= results["loso_stage1_audio_weighted_f1"] <= 1.0
+    cached = list((out / "cache").glob("backbone_layers_*.npy"))
+    assert len(cached) == 1 and np.load(cached[0]).shape == (32, 3, 16)  # 32 clips, 2 layers + embeddings, d_model 16
+
+    best = MeritsForConversationClassification.from_pretrained(out / "best")
+    encoder = best.speech_encoder
+    assert encoder.backbone is not None and encoder.layer_mean.shape == (3, 16)
+    layers = np.load(cached[0])
+    assert np.allclose(encoder.layer_mean.numpy(), layers.mean(0), atol=1e-5)  # standardised on every speaker
+    assert not torch.allclose(encoder.layer_weights, torch.zeros(3))  # learned
+
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = cli_main(["evaluate", "--model", str(out / "best"), "--dataset", "emodb", "--file", str(data / "labels.csv")])
+    assert code in (0, None)
+    scores = json.loads(buffer.getvalue().strip().splitlines()[-1])
+    assert scores["num_utterances"] == 32
+    # the whole model on raw audio agrees with the head trained on the cached layers (same utterances, same weights)
+    assert abs(scores["weighted_f1"] - results["final_fit_train_weighted_f1"]) < 1e-6, (scores, results)
+
+
+def test_speaker_folds_on_a_backbone_need_layer_standardisation(tmp_path):
+    from merits.training import main
+
+    with pytest.raises(ConfigError, match="standardize_speech_layers"):
+        main(["--config", str(REPO / "configs" / "emodb_whisper_cpu.yaml"), "--output_dir", str(tmp_path / "out"),
+              "--model.standardize_speech_layers", "false"])

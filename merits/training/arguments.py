@@ -234,6 +234,11 @@ class TrainingArguments:
                 raise ConfigError(f"{src('speaker_folds')}: speaker_folds needs one architecture (merits-l or mister-e) and a corpus, not --train_features")
             if self.stages not in (None, ["utterance"]) or list(self.modalities) != ["audio"]:
                 raise ConfigError(f"{src('speaker_folds')}: speaker_folds trains the stage I speech head only (modalities: [audio], stages: [utterance])")
+            if ((self.audio_model_name_or_path is not None or self.audio_config is not None)
+                    and not (self.model or {}).get("standardize_speech_layers", False)):
+                raise ConfigError(f"{src('speaker_folds', 'audio_model_name_or_path')}: speaker folds on a speech backbone "
+                                  "need model.standardize_speech_layers: true (the head's per-layer standardisation must "
+                                  "live in the model, which reads raw audio)")
             for index, candidate in enumerate(self.fold_candidates or []):
                 if not isinstance(candidate, dict):
                     raise ConfigError(f"{src('fold_candidates')}: fold_candidates[{index}] must be a mapping of options, got {candidate!r}")
