@@ -593,14 +593,26 @@ class MeritsTurnPlan:
     # waiting); True forces the host route (bench/op_counts.py counts the GPU path on a CPU with it)
     host_bookkeeping = None
 
-    def __init__(self, turn_mask: torch.Tensor, gap: int = 0):
+    @classmethod
+    def on_host(cls, device) -> bool:
+        """Whether a plan for a mask on `device` computes its bookkeeping on the host (`host_bookkeeping`)."""
+        return cls.host_bookkeeping if cls.host_bookkeeping is not None else torch.device(device).type != "cpu"
+
+    def __init__(self, turn_mask: torch.Tensor, gap: int = 0, host_mask: torch.Tensor = None):
+        """`host_mask`: a host copy of `turn_mask` that the caller made already (the model's `_prepare_masks` reads
+        the masks back once per forward to check them), used on the host route instead of a second read."""
         turn_mask = turn_mask.bool()
         device = turn_mask.device
-        on_host = self.host_bookkeeping if self.host_bookkeeping is not None else device.type != "cpu"
-        if on_host and not getattr(turn_mask, "_merits_host_copy", False):
-            host_mask = turn_mask.cpu()
-            if host_mask is turn_mask:  # forced on a CPU mask (host_bookkeeping=True): never mark the caller's tensor
-                host_mask = turn_mask.clone()
+        if self.on_host(device) and not getattr(turn_mask, "_merits_host_copy", False):
+            if host_mask is None:
+                host_mask = turn_mask.cpu()
+                if host_mask is turn_mask:  # forced on a CPU mask (host_bookkeeping=True): never mark the caller's
+                    host_mask = turn_mask.clone()
+            elif not getattr(host_mask, "_merits_host_copy", False):  # a caller's tensor: never marked either
+                host_mask = host_mask.bool().cpu().clone()
+            if tuple(host_mask.shape) != tuple(turn_mask.shape):
+                raise ValueError(f"`host_mask` {tuple(host_mask.shape)} is not a copy of `turn_mask` "
+                                 f"{tuple(turn_mask.shape)}.")
             host_mask._merits_host_copy = True  # the nested plan below computes in place
             host = MeritsTurnPlan(host_mask, gap=gap)
             for name, value in host.__dict__.items():
@@ -1566,14 +1578,21 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
         A modality mask defaults to `turn_mask` when that modality has inputs (`*_given`), and to all zeros when it
         has none at all (a batch in which no turn has audio or text: the modality is absent everywhere, docs/design.md
         §2). A mask that marks a turn as having a modality for which no input was given raises, naming the turn.
+
+        Returns (turn_mask, text_mask, audio_mask, host_turn_mask). Where the turn plan keeps its bookkeeping on the
+        host (`MeritsTurnPlan.on_host`: any non-CPU device), the three masks are read back ONCE, the checks run on that
+        host copy and `host_turn_mask` hands it to the plan (no further host-device sync in this forward); else
+        `host_turn_mask` is None and the checks read the masks where they are.
         """
         if turn_mask is None:
             reference = text_embeds if text_embeds is not None else audio_embeds
             if reference is None:
                 raise ValueError("`turn_mask` [B, T] is required with flattened utterance inputs.")
             turn_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
-        turn_mask = check_turn_mask(turn_mask)
-        masks = {}
+        if turn_mask.dim() != 2:
+            raise ValueError(f"`turn_mask` must be [B, T], got shape {tuple(turn_mask.shape)}.")
+        turn_mask = turn_mask.bool()
+        masks, without_input = {}, {}
         for name, mask, has, given, inputs in (
             ("text", text_mask, self.config.has_text, text_given, "`input_ids` or `text_embeds`"),
             ("audio", audio_mask, self.config.has_audio, audio_given,
@@ -1582,15 +1601,33 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
             if not has or (not given and mask is None):
                 masks[name] = torch.zeros_like(turn_mask)
                 continue
-            mask = _default_modality_mask(mask, turn_mask, f"{name}_mask")
-            if not given and mask.any():
+            masks[name] = _default_modality_mask(mask, turn_mask, f"{name}_mask")
+            if not given:
+                without_input[name] = inputs
+        text_mask, audio_mask = masks["text"], masks["audio"]
+        host_turn_mask = None
+        if MeritsTurnPlan.on_host(turn_mask.device):
+            host = torch.stack([turn_mask, text_mask, audio_mask]).cpu()  # the one host read of the masks
+            host_turn_mask, host_text_mask, host_audio_mask = host.unbind(0)
+            for tensor in (host_turn_mask, host_text_mask, host_audio_mask):
+                tensor._merits_host_copy = True  # (a copy of ours: MeritsTurnPlan computes on it in place)
+            self._check_masks(host_turn_mask, host_text_mask, host_audio_mask, without_input)
+        else:
+            self._check_masks(turn_mask, text_mask, audio_mask, without_input)
+        return turn_mask, text_mask, audio_mask, host_turn_mask
+
+    def _check_masks(self, turn_mask, text_mask, audio_mask, without_input):
+        """The content checks of `_prepare_masks` (on the host copy where there is one): real turns first, no turn
+        marked with a modality that has no input (`without_input`: name -> the inputs to pass), no real turn
+        with neither modality."""
+        check_turn_mask(turn_mask)
+        for name, mask in (("text", text_mask), ("audio", audio_mask)):
+            if name in without_input and mask.any():
                 b, t = mask.nonzero()[0].tolist()
                 raise ValueError(
                     f"`{name}_mask` says conversation {b}, turn {t} has {name}, but no {name} input was given: pass "
-                    f"{inputs}, or a `{name}_mask` of zeros for a batch without {name}."
+                    f"{without_input[name]}, or a `{name}_mask` of zeros for a batch without {name}."
                 )
-            masks[name] = mask
-        text_mask, audio_mask = masks["text"], masks["audio"]
         empty = turn_mask & ~text_mask & ~audio_mask
         if empty.any():
             b, t = empty.nonzero()[0].tolist()
@@ -1598,7 +1635,6 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
                 f"Conversation {b}, turn {t} is a real turn with neither text nor audio that this model uses "
                 f"(configured modalities: {'text ' if self.config.has_text else ''}{'audio' if self.config.has_audio else ''})."
             )
-        return turn_mask, text_mask, audio_mask
 
     def _absent_embeds(self, turn_mask, size, like=None):
         """Zero utterance embeddings [B, T, size] for a modality absent from the whole batch."""
@@ -1647,7 +1683,7 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
             )
         text_given = input_ids is not None or text_embeds is not None
         audio_given = any(x is not None for x in (input_values, input_features, audio_features, audio_embeds))
-        turn_mask, text_mask, audio_mask = self._prepare_masks(
+        turn_mask, text_mask, audio_mask, host_turn_mask = self._prepare_masks(
             turn_mask, text_mask, audio_mask, text_embeds, audio_embeds, text_given, audio_given
         )
         if labels is not None and tuple(labels.shape) != tuple(turn_mask.shape):
@@ -1697,23 +1733,24 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
 
         if config.architecture == "merits-l":
             logits, loss = self._forward_merits_l(stage, text_embeds, audio_embeds, turn_mask, text_mask, audio_mask,
-                                                  labels, out, terms, context_features)
+                                                  labels, out, terms, context_features, host_turn_mask)
         else:
             logits, loss = self._forward_mister_e(text_embeds, audio_embeds, turn_mask, text_mask, audio_mask, labels,
-                                                  out, terms)
+                                                  out, terms, host_turn_mask)
         return self._finish(out, logits, labels, terms, loss, return_dict)
 
-    def _turn_plan(self, turn_mask):
-        """The `MeritsTurnPlan` shared by every module of one forward (packing, real rows, convolution layout)."""
+    def _turn_plan(self, turn_mask, host_turn_mask=None):
+        """The `MeritsTurnPlan` shared by every module of one forward (packing, real rows, convolution layout);
+        `host_turn_mask`: `_prepare_masks`' host copy of the mask, where it made one."""
         gap = max([m.conv_gap for m in (self.text_context, self.audio_context) if m is not None] or [0])
-        return MeritsTurnPlan(turn_mask, gap=gap)
+        return MeritsTurnPlan(turn_mask, gap=gap, host_mask=host_turn_mask)
 
     def _forward_merits_l(self, stage, text_embeds, audio_embeds, turn_mask, text_mask, audio_mask, labels, out, terms,
-                          context_features=None):
+                          context_features=None, host_turn_mask=None):
         ctx_text = ctx_audio = None
         text_features = audio_features = None
         context_features = context_features or {}
-        plan = self._turn_plan(turn_mask)
+        plan = self._turn_plan(turn_mask, host_turn_mask)
         if self.text_context is not None:
             text_features, ctx_text = self._run(self.text_context, text_embeds, turn_mask, text_mask, plan=plan,
                                                 exported=context_features.get("text"))
@@ -1780,8 +1817,9 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
             full_weights[..., EXPERTS.index(name)] = weights[..., index]
         return mixture, full_weights, stacked, available
 
-    def _forward_mister_e(self, text_embeds, audio_embeds, turn_mask, text_mask, audio_mask, labels, out, terms):
-        plan = self._turn_plan(turn_mask)
+    def _forward_mister_e(self, text_embeds, audio_embeds, turn_mask, text_mask, audio_mask, labels, out, terms,
+                          host_turn_mask=None):
+        plan = self._turn_plan(turn_mask, host_turn_mask)
         experts, reprs = self._expert_outputs(text_embeds, audio_embeds, turn_mask, text_mask, audio_mask, plan)
         mixture, gate_weights, stacked, available = self._mix(experts, turn_mask)
         out.update(

@@ -360,3 +360,79 @@ def test_model_step_equals_the_boolean_selection_losses(monkeypatch, architectur
     assert new_grads.keys() == old_grads.keys() and new_grads
     for name in old_grads:
         torch.testing.assert_close(new_grads[name], old_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.fixture(params=[False, True], ids=["masks-on-device", "host-copy"])
+def host_route(request, monkeypatch):
+    # True: the route taken on a GPU (the masks read back once, checked and planned on the host copy)
+    from merits.modeling_merits import MeritsTurnPlan
+
+    monkeypatch.setattr(MeritsTurnPlan, "host_bookkeeping", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("case,message", [
+    ("gap", "conversation 1 has a real turn 2 after a padded turn 1"),
+    ("no input", "`audio_mask` says conversation 0, turn 1 has audio, but no audio input was given"),
+    ("empty", "Conversation 1, turn 0 is a real turn with neither text nor audio"),
+])
+def test_mask_checks_raise_the_same_on_the_host_copy(host_route, case, message):
+    from merits import MeritsForConversationClassification
+    from tests._tiny import tiny_merits_config
+
+    model = MeritsForConversationClassification(tiny_merits_config("mister-e")).eval()
+    turn_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    text = torch.randn(2, 3, model.config.text_embed_dim)
+    audio = torch.randn(2, 3, model.config.audio_embed_dim)
+    kwargs = dict(text_embeds=text, audio_embeds=audio, turn_mask=turn_mask)
+    if case == "gap":
+        kwargs["turn_mask"] = torch.tensor([[1, 1, 1], [1, 0, 1]])
+    elif case == "no input":
+        del kwargs["audio_embeds"]
+        kwargs["audio_mask"] = torch.tensor([[0, 1, 0], [0, 0, 0]])
+    else:
+        kwargs["text_mask"] = torch.tensor([[1, 1, 1], [0, 1, 0]])
+        kwargs["audio_mask"] = torch.tensor([[1, 0, 0], [0, 0, 0]])
+    with pytest.raises(ValueError, match=message.replace("`", ".")):
+        model(**kwargs)
+
+
+@pytest.mark.parametrize("architecture,stage", [("mister-e", "moe"), ("merits-l", "context"), ("merits-l", "fusion")])
+def test_training_step_reads_the_masks_back_once_on_the_gpu_route(architecture, stage):
+    """On the GPU route a training step makes ONE host-device sync (the masks' read-back for their checks and the
+    turn plan), none in the losses; outputs equal the CPU route's."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.op_counts import StepCounter, gpu_route
+    from merits import MeritsForConversationClassification
+    from tests._tiny import tiny_merits_config
+
+    turn_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]])
+    audio_mask = torch.tensor([[1, 0, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]])
+    labels = torch.tensor([[0, 1, 2, -100], [2, 0, -100, -100], [-100] * 4])
+
+    def step(count):
+        torch.manual_seed(0)
+        model = MeritsForConversationClassification(tiny_merits_config(architecture)).train()
+        g = torch.Generator().manual_seed(1)
+        text = torch.randn(3, 4, model.config.text_embed_dim, generator=g)
+        audio = torch.randn(3, 4, model.config.audio_embed_dim, generator=g)
+        with count() as counter:
+            out = model(text_embeds=text, audio_embeds=audio, turn_mask=turn_mask, audio_mask=audio_mask,
+                        labels=labels, stage=stage)
+            out.loss.backward()
+        return out, [p.grad for p in model.parameters() if p.grad is not None], counter
+
+    with gpu_route("host"):
+        out, grads, counter = step(StepCounter)
+    assert dict(counter.syncs) == {"cpu": 1}
+    with gpu_route("device"):
+        _, _, before = step(StepCounter)
+    assert sum(before.syncs.values()) > 1  # the counter sees the device route's reads
+    plain, plain_grads, _ = step(lambda: __import__("contextlib").nullcontext())
+    torch.testing.assert_close(out.logits, plain.logits)
+    torch.testing.assert_close(out.loss, plain.loss)
+    for grad, plain_grad in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(grad, plain_grad)
