@@ -142,16 +142,20 @@ def check_turn_mask(turn_mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def scatter_turns(flat: torch.Tensor, turn_mask: torch.Tensor) -> torch.Tensor:
-    """[N, ...] rows of the real turns -> [B, T, ...] with zeros at padded turns."""
-    n_real = int(turn_mask.sum())
+def scatter_turns(flat: torch.Tensor, turn_mask: torch.Tensor, index=None) -> torch.Tensor:
+    """[N, ...] rows of the real turns -> [B, T, ...] with zeros at padded turns.
+
+    `index`: the real turns' (conversation, turn) indices, `turn_mask.nonzero(as_tuple=True)`, where they are known
+    without reading the device (from the host copy of the mask on GPUs): then nothing here waits for the device
+    (a boolean-mask assignment reads the number of real turns, forward and backward)."""
+    n_real = int(turn_mask.sum()) if index is None else index[0].numel()
     if flat.shape[0] != n_real:
         raise ValueError(
             f"Got {flat.shape[0]} utterances but `turn_mask` has {n_real} real turns: flattened utterance inputs "
             "must have one row per real turn (conversation b, then turn t)."
         )
     out = flat.new_zeros(*turn_mask.shape, *flat.shape[1:])
-    out[turn_mask] = flat
+    out[turn_mask if index is None else index] = flat
     return out
 
 
@@ -1491,8 +1495,9 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
             audio_features=audio_features,
         )
 
-    def _flatten_audio_features(self, audio_features, turn_mask):
-        """`audio_features` may come as [B, T, ...] (design §2) or flattened [N, ...]; return [N, ...]."""
+    def _flatten_audio_features(self, audio_features, turn_mask, index=None):
+        """`audio_features` may come as [B, T, ...] (design §2) or flattened [N, ...]; return [N, ...]. `index`: as
+        in `scatter_turns`."""
         if audio_features is None:
             return None
         per_row = 1 if self.config.audio_feature_layers is None else 2
@@ -1502,7 +1507,7 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
                     f"`audio_features` of shape {tuple(audio_features.shape)} does not match `turn_mask` "
                     f"{tuple(turn_mask.shape)} in its first two dims."
                 )
-            return audio_features[turn_mask]
+            return audio_features[turn_mask if index is None else index]
         if audio_features.dim() != per_row + 1:
             raise ValueError(
                 f"`audio_features` must be [B, T, {'K, ' if per_row == 2 else ''}F] or [N, {'K, ' if per_row == 2 else ''}F], "
@@ -1693,17 +1698,21 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
 
         # ---- Stage I: utterance encoders (or precomputed embeddings) ----------------------------------------------
         utt_text_logits = utt_audio_logits = None
+        real_turns = None  # the real turns' (conversation, turn) indices, from the masks' host copy where there is one
+        if host_turn_mask is not None and (input_ids is not None or input_values is not None or
+                                           input_features is not None or audio_features is not None):
+            real_turns = tuple(i.to(turn_mask.device, non_blocking=True) for i in host_turn_mask.nonzero(as_tuple=True))
         if input_ids is not None and config.has_text:
             flat_embeds, flat_logits = self._encode_text(input_ids, attention_mask)
-            text_embeds = scatter_turns(flat_embeds, turn_mask)
-            utt_text_logits = scatter_turns(flat_logits, turn_mask)
-        flat_audio_features = self._flatten_audio_features(audio_features, turn_mask)
+            text_embeds = scatter_turns(flat_embeds, turn_mask, real_turns)
+            utt_text_logits = scatter_turns(flat_logits, turn_mask, real_turns)
+        flat_audio_features = self._flatten_audio_features(audio_features, turn_mask, real_turns)
         if (input_values is not None or input_features is not None or flat_audio_features is not None) and config.has_audio:
             flat_embeds, flat_logits = self._encode_audio(
                 input_values, input_features, audio_attention_mask, flat_audio_features
             )
-            audio_embeds = scatter_turns(flat_embeds, turn_mask)
-            utt_audio_logits = scatter_turns(flat_logits, turn_mask)
+            audio_embeds = scatter_turns(flat_embeds, turn_mask, real_turns)
+            utt_audio_logits = scatter_turns(flat_logits, turn_mask, real_turns)
         if text_embeds is not None:
             self._check_embeds(text_embeds, config.text_embed_dim or -1, turn_mask, "text_embeds")
             text_embeds = text_embeds * text_mask.unsqueeze(-1).to(text_embeds.dtype)

@@ -436,3 +436,65 @@ def test_training_step_reads_the_masks_back_once_on_the_gpu_route(architecture, 
     torch.testing.assert_close(out.loss, plain.loss)
     for grad, plain_grad in zip(grads, plain_grads, strict=True):
         torch.testing.assert_close(grad, plain_grad)
+
+
+def test_utterance_stage_scatters_without_reading_the_device_on_the_gpu_route():
+    """Stage I with raw inputs: the utterances' rows go to their turns by the host copy's indices (no boolean-mask
+    assignment, whose size the host would read, forward and backward); outputs and gradients as on the CPU route."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.op_counts import StepCounter, gpu_route
+    from merits import MeritsForConversationClassification
+    from tests._tiny import tiny_merits_config, tiny_roberta_config, tiny_wavlm_config
+
+    turn_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    labels = torch.tensor([[0, 1, 2], [2, 0, -100]])
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 50, (5, 7), generator=g)
+    attention = torch.ones(5, 7, dtype=torch.long)
+    attention[1, 5:] = 0
+    wav = torch.randn(5, 1600, generator=g)
+
+    def step(route):
+        torch.manual_seed(0)
+        model = MeritsForConversationClassification(tiny_merits_config(
+            "merits-l", text_config=tiny_roberta_config(), text_embed_dim=None, audio_config=tiny_wavlm_config(),
+            audio_embed_dim=None)).train()
+        with route() as counter:
+            out = model(input_ids=ids, attention_mask=attention, input_values=wav, turn_mask=turn_mask, labels=labels,
+                        stage="utterance")
+            out.loss.backward()
+        return out, [p.grad for p in model.parameters() if p.grad is not None], counter
+
+    with gpu_route("host"):
+        out, grads, host = step(StepCounter)
+    with gpu_route("device"):
+        _, _, device = step(StepCounter)
+    plain, plain_grads, _ = step(lambda: __import__("contextlib").nullcontext())
+    # the backbones' own reads are on both sides; ours: 2 mask checks + 4 scatters (a size read and a boolean
+    # assignment each) + 2 boolean-assignment backwards on the device route, the one read-back on the host route
+    assert host.syncs["cpu"] == 1
+    assert sum(device.syncs.values()) - sum(host.syncs.values()) == 11
+    torch.testing.assert_close(out.logits, plain.logits)
+    torch.testing.assert_close(out.loss, plain.loss)
+    for grad, plain_grad in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(grad, plain_grad)
+
+
+def test_scatter_and_flatten_by_index_equal_the_boolean_mask():
+    from merits import MeritsForConversationClassification
+    from merits.modeling_merits import scatter_turns
+    from tests._tiny import tiny_merits_config
+
+    turn_mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    index = turn_mask.nonzero(as_tuple=True)
+    flat = torch.randn(6, 3, 2)
+    torch.testing.assert_close(scatter_turns(flat, turn_mask, index), scatter_turns(flat, turn_mask), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="Got 5 utterances but `turn_mask` has 6 real turns"):
+        scatter_turns(flat[:5], turn_mask, index)
+    model = MeritsForConversationClassification(tiny_merits_config("merits-l"))
+    features = torch.randn(3, 4, 7)
+    torch.testing.assert_close(model._flatten_audio_features(features, turn_mask, index),
+                               model._flatten_audio_features(features, turn_mask), rtol=0, atol=0)
