@@ -15,7 +15,8 @@ paper-size shapes of 8 conversations of 20-80 turns, with small widths since cou
 
 Our model runs with `recurrence="cudnn"` (the route `auto` takes on a GPU). Usage:
 `python bench/op_counts.py [--plan host|device] [--record]` (--record stores the entry `step_op_counts_plan_<plan>`
-in bench/results.json; `--plan device` counts the turn plan as it was before it moved to the host on GPUs).
+in bench/results.json; `--plan device` counts the turn plan and the mask checks computed on the device, as before
+they moved to one host copy of the masks on GPUs). `gpu_route()` sets up the same counting for tests.
 """
 
 from __future__ import annotations
