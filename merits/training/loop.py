@@ -298,19 +298,22 @@ def evaluate_heads(accelerator: Accelerator, model, loader, plan: StagePlan, hea
                 if logits is None:
                     raise RuntimeError(f"stage {plan.stage!r}: the model output has no {head.logits!r} for head {head.key!r}")
                 predictions = logits.argmax(dim=-1)
-                references = labels.clone()
+                references = labels
                 if head.mask is not None and head.mask in batch:
-                    references[batch[head.mask] == 0] = IGNORE_INDEX
+                    references = labels.masked_fill(batch[head.mask] == 0, IGNORE_INDEX)
                 predictions = accelerator.pad_across_processes(predictions, dim=1, pad_index=IGNORE_INDEX)
                 references = accelerator.pad_across_processes(references, dim=1, pad_index=IGNORE_INDEX)
                 predictions, references = accelerator.gather_for_metrics((predictions, references))
-                keep = references.reshape(-1) != IGNORE_INDEX
-                collected[head.key].append((predictions.reshape(-1)[keep].cpu(), references.reshape(-1)[keep].cpu()))
+                # kept on the device: one host read per head at the end, not one per batch
+                collected[head.key].append((predictions.reshape(-1), references.reshape(-1)))
     model.train()
     result = {}
     for key, parts in collected.items():
         if parts:
-            result[key] = (torch.cat([p for p, _ in parts]), torch.cat([r for _, r in parts]))
+            predictions = torch.cat([p for p, _ in parts]).cpu()
+            references = torch.cat([r for _, r in parts]).cpu()
+            keep = references != IGNORE_INDEX
+            result[key] = (predictions[keep], references[keep])
         else:
             result[key] = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     return result
