@@ -142,16 +142,20 @@ def check_turn_mask(turn_mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def scatter_turns(flat: torch.Tensor, turn_mask: torch.Tensor) -> torch.Tensor:
-    """[N, ...] rows of the real turns -> [B, T, ...] with zeros at padded turns."""
-    n_real = int(turn_mask.sum())
+def scatter_turns(flat: torch.Tensor, turn_mask: torch.Tensor, index=None) -> torch.Tensor:
+    """[N, ...] rows of the real turns -> [B, T, ...] with zeros at padded turns.
+
+    `index`: the real turns' (conversation, turn) indices, `turn_mask.nonzero(as_tuple=True)`, where they are known
+    without reading the device (from the host copy of the mask on GPUs): then nothing here waits for the device
+    (a boolean-mask assignment reads the number of real turns, forward and backward)."""
+    n_real = int(turn_mask.sum()) if index is None else index[0].numel()
     if flat.shape[0] != n_real:
         raise ValueError(
             f"Got {flat.shape[0]} utterances but `turn_mask` has {n_real} real turns: flattened utterance inputs "
             "must have one row per real turn (conversation b, then turn t)."
         )
     out = flat.new_zeros(*turn_mask.shape, *flat.shape[1:])
-    out[turn_mask] = flat
+    out[turn_mask if index is None else index] = flat
     return out
 
 
@@ -173,19 +177,26 @@ def focal_loss(logits, labels, gamma=3.0, mask=None, ignore_index=-100):
 
     Turns with `labels == ignore_index` or `mask == False` are left out of the mean (§6 #14), so padding never changes
     the value. With no turn selected the loss is an exact (differentiable) zero.
+
+    Computed over all rows with 0/1 weights (the sum over the selected rows divided by their count, clamped to 1)
+    rather than by selecting the rows with the mask, whose size the host would have to read: no host-device sync.
+    Left-out rows get logit 0 and class 0 before the cross-entropy, so their values (even NaN) cannot reach the loss
+    or the gradients (exactly zero there, as with a selection).
     """
     valid = labels != ignore_index
     if mask is not None:
         valid = valid & mask.bool()
-    if not valid.any():
-        return logits.sum() * 0.0
-    selected = logits[valid]
-    with float32_region(selected):
-        ce = F.cross_entropy(selected.float(), labels[valid], reduction="none")
-    if gamma:
-        p_true = torch.exp(-ce)
-        ce = (1.0 - p_true).pow(gamma) * ce
-    return ce.mean()
+    num_labels = logits.shape[-1]
+    with float32_region(logits):
+        flat_valid = valid.reshape(-1)
+        flat_logits = logits.reshape(-1, num_labels).float().masked_fill(~flat_valid.unsqueeze(-1), 0.0)
+        targets = labels.reshape(-1).masked_fill(~flat_valid, 0)
+        ce = F.cross_entropy(flat_logits, targets, reduction="none")
+        if gamma:
+            p_true = torch.exp(-ce)
+            ce = (1.0 - p_true).pow(gamma) * ce
+        weights = flat_valid.to(ce.dtype)
+        return (ce * weights).sum() / weights.sum().clamp(min=1.0)
 
 
 def supervised_contrastive_loss(text_repr, audio_repr, labels, mask, temperature=1.0, ignore_index=-100):
@@ -194,21 +205,27 @@ def supervised_contrastive_loss(text_repr, audio_repr, labels, mask, temperature
     Rows: the labelled turns with `mask` (real turns that have BOTH modalities). Both views are stacked into 2N
     L2-normalised anchors; positives are the other rows with the same label (so the other view of the same turn is
     always positive); self-pairs are excluded. Loss = -mean over anchors of the mean log-softmax over positives.
+
+    Inputs have any leading shape ([B, T, D] / [B, T], or [N, D] / [N] real rows). Computed over all rows with the
+    left-out ones masked out of every softmax, positive set and mean (no host-device sync to select them); their
+    values cannot reach the loss, and their gradients are exactly zero.
     """
-    valid = mask.bool() & (labels != ignore_index)
-    if not valid.any():
-        return (text_repr.sum() + audio_repr.sum()) * 0.0
-    features = torch.cat([text_repr[valid], audio_repr[valid]], dim=0).float()
-    with float32_region(features):
-        features = F.normalize(features, dim=-1)
+    width = text_repr.shape[-1]
+    valid = (mask.bool() & (labels != ignore_index)).reshape(-1)
+    rows = torch.cat([text_repr.reshape(-1, width), audio_repr.reshape(-1, width)], dim=0)
+    row_valid = torch.cat([valid, valid], dim=0)
+    row_labels = labels.reshape(-1).repeat(2)
+    with float32_region(rows):
+        features = F.normalize(rows.float().masked_fill(~row_valid.unsqueeze(-1), 0.0), dim=-1)
         similarity = features @ features.t() / temperature
-    row_labels = torch.cat([labels[valid], labels[valid]], dim=0)
-    not_self = ~torch.eye(similarity.shape[0], dtype=torch.bool, device=similarity.device)
-    similarity = similarity.masked_fill(~not_self, torch.finfo(similarity.dtype).min)
-    log_prob = similarity - torch.logsumexp(similarity, dim=1, keepdim=True)
-    positives = (row_labels[:, None] == row_labels[None, :]) & not_self
-    mean_log_prob_pos = (log_prob * positives).sum(1) / positives.sum(1)
-    return -mean_log_prob_pos.mean()
+        not_self = ~torch.eye(similarity.shape[0], dtype=torch.bool, device=similarity.device)
+        keep = not_self & row_valid.unsqueeze(0)  # the columns an anchor's softmax runs over
+        similarity = similarity.masked_fill(~keep, torch.finfo(similarity.dtype).min)
+        log_prob = similarity - torch.logsumexp(similarity, dim=1, keepdim=True)
+        positives = (row_labels[:, None] == row_labels[None, :]) & keep
+        per_anchor = torch.where(positives, log_prob, 0.0).sum(1) / positives.sum(1).clamp(min=1)
+        anchors = row_valid.to(per_anchor.dtype)
+        return -(per_anchor * anchors).sum() / anchors.sum().clamp(min=1.0)
 
 
 def symmetric_kl_loss(expert_logits, available, reduction="batchmean"):
@@ -220,27 +237,29 @@ def symmetric_kl_loss(expert_logits, available, reduction="batchmean"):
     total by its first dimension; here padded turns add nothing and B counts the conversations with a real turn, so a
     fully padded row changes nothing either) or averaged over those turns (`"mean"`: about T times smaller); then
     averaged over the E(E-1)/2 pairs. A pair with no shared turn contributes zero.
+
+    All pairs at once and over all turns with 0/1 weights (no host-device sync): KL(p_i||p_j) + KL(p_j||p_i) =
+    sum_c (p_i - p_j)(log p_i - log p_j), computed for every ordered pair (the diagonal is exactly zero) and halved.
     """
     if reduction not in ("batchmean", "mean"):
         raise ValueError(f"Unknown KL reduction {reduction!r}; valid ones are batchmean, mean.")
     num_experts = expert_logits.shape[-2]
     if num_experts < 2:
         return expert_logits.sum() * 0.0
-    conversations = available.reshape(available.shape[0], -1).any(-1).sum().clamp(min=1)
-    log_probs = F.log_softmax(expert_logits.float(), dim=-1)
-    probs = log_probs.exp()
-    total = expert_logits.sum() * 0.0
-    num_pairs = 0
-    for i in range(num_experts):
-        for j in range(i + 1, num_experts):
-            num_pairs += 1
-            both = available[..., i] & available[..., j]
-            if not both.any():
-                continue
-            kl = (probs[..., i, :] * (log_probs[..., i, :] - log_probs[..., j, :])).sum(-1)
-            kl = kl + (probs[..., j, :] * (log_probs[..., j, :] - log_probs[..., i, :])).sum(-1)
-            total = total + (kl[both].sum() / conversations if reduction == "batchmean" else kl[both].mean())
-    return total / num_pairs
+    available = available.bool()
+    with float32_region(expert_logits):
+        log_probs = F.log_softmax(expert_logits.float(), dim=-1)  # [B, T, E, C]
+        probs = log_probs.exp()
+        kl = ((probs.unsqueeze(-2) - probs.unsqueeze(-3)) * (log_probs.unsqueeze(-2) - log_probs.unsqueeze(-3))).sum(-1)
+        both = available.unsqueeze(-1) & available.unsqueeze(-2)  # [B, T, E, E]
+        pair_sums = torch.where(both, kl, 0.0).flatten(0, -3).sum(0)  # [E, E]
+        if reduction == "batchmean":
+            conversations = available.reshape(available.shape[0], -1).any(-1).sum().clamp(min=1)
+            pair_values = pair_sums / conversations
+        else:
+            pair_values = pair_sums / both.flatten(0, -3).sum(0).clamp(min=1)
+        num_pairs = num_experts * (num_experts - 1) // 2
+        return pair_values.sum() / (2 * num_pairs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -612,14 +631,26 @@ class MeritsTurnPlan:
     # waiting); True forces the host route (bench/op_counts.py counts the GPU path on a CPU with it)
     host_bookkeeping = None
 
-    def __init__(self, turn_mask: torch.Tensor, gap: int = 0):
+    @classmethod
+    def on_host(cls, device) -> bool:
+        """Whether a plan for a mask on `device` computes its bookkeeping on the host (`host_bookkeeping`)."""
+        return cls.host_bookkeeping if cls.host_bookkeeping is not None else torch.device(device).type != "cpu"
+
+    def __init__(self, turn_mask: torch.Tensor, gap: int = 0, host_mask: torch.Tensor = None):
+        """`host_mask`: a host copy of `turn_mask` that the caller made already (the model's `_prepare_masks` reads
+        the masks back once per forward to check them), used on the host route instead of a second read."""
         turn_mask = turn_mask.bool()
         device = turn_mask.device
-        on_host = self.host_bookkeeping if self.host_bookkeeping is not None else device.type != "cpu"
-        if on_host and not getattr(turn_mask, "_merits_host_copy", False):
-            host_mask = turn_mask.cpu()
-            if host_mask is turn_mask:  # forced on a CPU mask (host_bookkeeping=True): never mark the caller's tensor
-                host_mask = turn_mask.clone()
+        if self.on_host(device) and not getattr(turn_mask, "_merits_host_copy", False):
+            if host_mask is None:
+                host_mask = turn_mask.cpu()
+                if host_mask is turn_mask:  # forced on a CPU mask (host_bookkeeping=True): never mark the caller's
+                    host_mask = turn_mask.clone()
+            elif not getattr(host_mask, "_merits_host_copy", False):  # a caller's tensor: never marked either
+                host_mask = host_mask.bool().cpu().clone()
+            if tuple(host_mask.shape) != tuple(turn_mask.shape):
+                raise ValueError(f"`host_mask` {tuple(host_mask.shape)} is not a copy of `turn_mask` "
+                                 f"{tuple(turn_mask.shape)}.")
             host_mask._merits_host_copy = True  # the nested plan below computes in place
             host = MeritsTurnPlan(host_mask, gap=gap)
             for name, value in host.__dict__.items():
@@ -1501,8 +1532,9 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
             audio_features=audio_features,
         )
 
-    def _flatten_audio_features(self, audio_features, turn_mask):
-        """`audio_features` may come as [B, T, ...] (design §2) or flattened [N, ...]; return [N, ...]."""
+    def _flatten_audio_features(self, audio_features, turn_mask, index=None):
+        """`audio_features` may come as [B, T, ...] (design §2) or flattened [N, ...]; return [N, ...]. `index`: as
+        in `scatter_turns`."""
         if audio_features is None:
             return None
         per_row = 1 if self.config.audio_feature_layers is None else 2
@@ -1512,7 +1544,7 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
                     f"`audio_features` of shape {tuple(audio_features.shape)} does not match `turn_mask` "
                     f"{tuple(turn_mask.shape)} in its first two dims."
                 )
-            return audio_features[turn_mask]
+            return audio_features[turn_mask if index is None else index]
         if audio_features.dim() != per_row + 1:
             raise ValueError(
                 f"`audio_features` must be [B, T, {'K, ' if per_row == 2 else ''}F] or [N, {'K, ' if per_row == 2 else ''}F], "
@@ -1588,14 +1620,21 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
         A modality mask defaults to `turn_mask` when that modality has inputs (`*_given`), and to all zeros when it
         has none at all (a batch in which no turn has audio or text: the modality is absent everywhere, docs/design.md
         §2). A mask that marks a turn as having a modality for which no input was given raises, naming the turn.
+
+        Returns (turn_mask, text_mask, audio_mask, host_turn_mask). Where the turn plan keeps its bookkeeping on the
+        host (`MeritsTurnPlan.on_host`: any non-CPU device), the three masks are read back ONCE, the checks run on that
+        host copy and `host_turn_mask` hands it to the plan (no further host-device sync in this forward); else
+        `host_turn_mask` is None and the checks read the masks where they are.
         """
         if turn_mask is None:
             reference = text_embeds if text_embeds is not None else audio_embeds
             if reference is None:
                 raise ValueError("`turn_mask` [B, T] is required with flattened utterance inputs.")
             turn_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
-        turn_mask = check_turn_mask(turn_mask)
-        masks = {}
+        if turn_mask.dim() != 2:
+            raise ValueError(f"`turn_mask` must be [B, T], got shape {tuple(turn_mask.shape)}.")
+        turn_mask = turn_mask.bool()
+        masks, without_input = {}, {}
         for name, mask, has, given, inputs in (
             ("text", text_mask, self.config.has_text, text_given, "`input_ids` or `text_embeds`"),
             ("audio", audio_mask, self.config.has_audio, audio_given,
@@ -1604,15 +1643,33 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
             if not has or (not given and mask is None):
                 masks[name] = torch.zeros_like(turn_mask)
                 continue
-            mask = _default_modality_mask(mask, turn_mask, f"{name}_mask")
-            if not given and mask.any():
+            masks[name] = _default_modality_mask(mask, turn_mask, f"{name}_mask")
+            if not given:
+                without_input[name] = inputs
+        text_mask, audio_mask = masks["text"], masks["audio"]
+        host_turn_mask = None
+        if MeritsTurnPlan.on_host(turn_mask.device):
+            host = torch.stack([turn_mask, text_mask, audio_mask]).cpu()  # the one host read of the masks
+            host_turn_mask, host_text_mask, host_audio_mask = host.unbind(0)
+            for tensor in (host_turn_mask, host_text_mask, host_audio_mask):
+                tensor._merits_host_copy = True  # (a copy of ours: MeritsTurnPlan computes on it in place)
+            self._check_masks(host_turn_mask, host_text_mask, host_audio_mask, without_input)
+        else:
+            self._check_masks(turn_mask, text_mask, audio_mask, without_input)
+        return turn_mask, text_mask, audio_mask, host_turn_mask
+
+    def _check_masks(self, turn_mask, text_mask, audio_mask, without_input):
+        """The content checks of `_prepare_masks` (on the host copy where there is one): real turns first, no turn
+        marked with a modality that has no input (`without_input`: name -> the inputs to pass), no real turn
+        with neither modality."""
+        check_turn_mask(turn_mask)
+        for name, mask in (("text", text_mask), ("audio", audio_mask)):
+            if name in without_input and mask.any():
                 b, t = mask.nonzero()[0].tolist()
                 raise ValueError(
                     f"`{name}_mask` says conversation {b}, turn {t} has {name}, but no {name} input was given: pass "
-                    f"{inputs}, or a `{name}_mask` of zeros for a batch without {name}."
+                    f"{without_input[name]}, or a `{name}_mask` of zeros for a batch without {name}."
                 )
-            masks[name] = mask
-        text_mask, audio_mask = masks["text"], masks["audio"]
         empty = turn_mask & ~text_mask & ~audio_mask
         if empty.any():
             b, t = empty.nonzero()[0].tolist()
@@ -1620,7 +1677,6 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
                 f"Conversation {b}, turn {t} is a real turn with neither text nor audio that this model uses "
                 f"(configured modalities: {'text ' if self.config.has_text else ''}{'audio' if self.config.has_audio else ''})."
             )
-        return turn_mask, text_mask, audio_mask
 
     def _absent_embeds(self, turn_mask, size, like=None):
         """Zero utterance embeddings [B, T, size] for a modality absent from the whole batch."""
@@ -1669,7 +1725,7 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
             )
         text_given = input_ids is not None or text_embeds is not None
         audio_given = any(x is not None for x in (input_values, input_features, audio_features, audio_embeds))
-        turn_mask, text_mask, audio_mask = self._prepare_masks(
+        turn_mask, text_mask, audio_mask, host_turn_mask = self._prepare_masks(
             turn_mask, text_mask, audio_mask, text_embeds, audio_embeds, text_given, audio_given
         )
         if labels is not None and tuple(labels.shape) != tuple(turn_mask.shape):
@@ -1679,17 +1735,21 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
 
         # ---- Stage I: utterance encoders (or precomputed embeddings) ----------------------------------------------
         utt_text_logits = utt_audio_logits = None
+        real_turns = None  # the real turns' (conversation, turn) indices, from the masks' host copy where there is one
+        if host_turn_mask is not None and (input_ids is not None or input_values is not None or
+                                           input_features is not None or audio_features is not None):
+            real_turns = tuple(i.to(turn_mask.device, non_blocking=True) for i in host_turn_mask.nonzero(as_tuple=True))
         if input_ids is not None and config.has_text:
             flat_embeds, flat_logits = self._encode_text(input_ids, attention_mask)
-            text_embeds = scatter_turns(flat_embeds, turn_mask)
-            utt_text_logits = scatter_turns(flat_logits, turn_mask)
-        flat_audio_features = self._flatten_audio_features(audio_features, turn_mask)
+            text_embeds = scatter_turns(flat_embeds, turn_mask, real_turns)
+            utt_text_logits = scatter_turns(flat_logits, turn_mask, real_turns)
+        flat_audio_features = self._flatten_audio_features(audio_features, turn_mask, real_turns)
         if (input_values is not None or input_features is not None or flat_audio_features is not None) and config.has_audio:
             flat_embeds, flat_logits = self._encode_audio(
                 input_values, input_features, audio_attention_mask, flat_audio_features
             )
-            audio_embeds = scatter_turns(flat_embeds, turn_mask)
-            utt_audio_logits = scatter_turns(flat_logits, turn_mask)
+            audio_embeds = scatter_turns(flat_embeds, turn_mask, real_turns)
+            utt_audio_logits = scatter_turns(flat_logits, turn_mask, real_turns)
         if text_embeds is not None:
             self._check_embeds(text_embeds, config.text_embed_dim or -1, turn_mask, "text_embeds")
             text_embeds = text_embeds * text_mask.unsqueeze(-1).to(text_embeds.dtype)
@@ -1719,23 +1779,24 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
 
         if config.architecture == "merits-l":
             logits, loss = self._forward_merits_l(stage, text_embeds, audio_embeds, turn_mask, text_mask, audio_mask,
-                                                  labels, out, terms, context_features)
+                                                  labels, out, terms, context_features, host_turn_mask)
         else:
             logits, loss = self._forward_mister_e(text_embeds, audio_embeds, turn_mask, text_mask, audio_mask, labels,
-                                                  out, terms)
+                                                  out, terms, host_turn_mask)
         return self._finish(out, logits, labels, terms, loss, return_dict)
 
-    def _turn_plan(self, turn_mask):
-        """The `MeritsTurnPlan` shared by every module of one forward (packing, real rows, convolution layout)."""
+    def _turn_plan(self, turn_mask, host_turn_mask=None):
+        """The `MeritsTurnPlan` shared by every module of one forward (packing, real rows, convolution layout);
+        `host_turn_mask`: `_prepare_masks`' host copy of the mask, where it made one."""
         gap = max([m.conv_gap for m in (self.text_context, self.audio_context) if m is not None] or [0])
-        return MeritsTurnPlan(turn_mask, gap=gap)
+        return MeritsTurnPlan(turn_mask, gap=gap, host_mask=host_turn_mask)
 
     def _forward_merits_l(self, stage, text_embeds, audio_embeds, turn_mask, text_mask, audio_mask, labels, out, terms,
-                          context_features=None):
+                          context_features=None, host_turn_mask=None):
         ctx_text = ctx_audio = None
         text_features = audio_features = None
         context_features = context_features or {}
-        plan = self._turn_plan(turn_mask)
+        plan = self._turn_plan(turn_mask, host_turn_mask)
         if self.text_context is not None:
             text_features, ctx_text = self._run(self.text_context, text_embeds, turn_mask, text_mask, plan=plan,
                                                 exported=context_features.get("text"))
@@ -1772,10 +1833,9 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
                 terms["context_audio"] = self._classification_loss(ctx_audio, labels, audio_mask, stage)
         return logits, (sum(terms.values()) if terms else None)
 
-    def _expert_outputs(self, text_embeds, audio_embeds, turn_mask, text_mask, audio_mask):
+    def _expert_outputs(self, text_embeds, audio_embeds, turn_mask, text_mask, audio_mask, plan):
         """Logits and availability of the enabled experts, in the canonical (speech, text, cross_modal) order."""
         experts = {}
-        plan = self._turn_plan(turn_mask)
         if self.audio_context is not None:
             experts["speech"] = (
                 self._run(self.audio_context, audio_embeds, turn_mask, audio_mask, plan=plan)[1], audio_mask
@@ -1803,8 +1863,10 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
             full_weights[..., EXPERTS.index(name)] = weights[..., index]
         return mixture, full_weights, stacked, available
 
-    def _forward_mister_e(self, text_embeds, audio_embeds, turn_mask, text_mask, audio_mask, labels, out, terms):
-        experts, reprs = self._expert_outputs(text_embeds, audio_embeds, turn_mask, text_mask, audio_mask)
+    def _forward_mister_e(self, text_embeds, audio_embeds, turn_mask, text_mask, audio_mask, labels, out, terms,
+                          host_turn_mask=None):
+        plan = self._turn_plan(turn_mask, host_turn_mask)
+        experts, reprs = self._expert_outputs(text_embeds, audio_embeds, turn_mask, text_mask, audio_mask, plan)
         mixture, gate_weights, stacked, available = self._mix(experts, turn_mask)
         out.update(
             context_audio_logits=experts.get("speech", (None,))[0],
@@ -1820,8 +1882,10 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
                 terms[f"expert_{name}"] = self._classification_loss(expert_logits, labels, expert_mask, "moe")
             loss = sum(terms.values())
             if reprs is not None:
+                # over the N real turns only (the plan's rows), not the B x T padded grid
                 terms["supcon"] = supervised_contrastive_loss(
-                    reprs[0], reprs[1], labels, text_mask & audio_mask, self.config.supcon_temperature
+                    plan.gather(reprs[0]), plan.gather(reprs[1]), plan.gather(labels), plan.gather(text_mask & audio_mask),
+                    self.config.supcon_temperature,
                 )
                 loss = loss + self.config.supcon_weight * terms["supcon"]
             if len(experts) > 1:

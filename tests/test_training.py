@@ -249,6 +249,32 @@ def test_a_loss_that_turns_nan_stops_naming_the_step(features, tmp_path):
         run_training(parse_args(argv))
 
 
+def test_a_loss_read_later_still_names_its_step_and_is_never_checkpointed(features, tmp_path, monkeypatch):
+    """The step losses are read back once per logging interval / checkpoint / epoch end, not per step: a NaN loss at
+    optimizer step 3 is still reported as step 3 (batch 2), and the checkpoint due at step 4 is not written."""
+    from merits import MeritsForConversationClassification
+    from merits.training import NonFiniteLossError
+
+    forward = MeritsForConversationClassification.forward
+    calls = []
+
+    def nan_at_third_training_call(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training and out.loss is not None:
+            calls.append(1)
+            if len(calls) == 3:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(MeritsForConversationClassification, "forward", nan_at_third_training_call)
+    argv = feature_argv(features, tmp_path / "out", extra=["--logging_steps", "100"])
+    with pytest.raises(NonFiniteLossError, match=r"stage stage2: the training loss became nan at epoch 0, batch 2, "
+                                                 r"optimizer step 3;"):
+        run_training(parse_args(argv))
+    assert len(calls) == 4  # read before the checkpoint due at step 4
+    assert not list((tmp_path / "out").rglob("step_00000004"))
+
+
 def test_final_results_pick_the_last_stage_head():
     results = {"validation_stage2_text_weighted_f1": 0.5, "validation_stage2_audio_weighted_f1": 0.4,
                "validation_moe_weighted_f1": 0.9, "validation_moe_text_expert_weighted_f1": 0.1}

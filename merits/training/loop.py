@@ -298,19 +298,22 @@ def evaluate_heads(accelerator: Accelerator, model, loader, plan: StagePlan, hea
                 if logits is None:
                     raise RuntimeError(f"stage {plan.stage!r}: the model output has no {head.logits!r} for head {head.key!r}")
                 predictions = logits.argmax(dim=-1)
-                references = labels.clone()
+                references = labels
                 if head.mask is not None and head.mask in batch:
-                    references[batch[head.mask] == 0] = IGNORE_INDEX
+                    references = labels.masked_fill(batch[head.mask] == 0, IGNORE_INDEX)
                 predictions = accelerator.pad_across_processes(predictions, dim=1, pad_index=IGNORE_INDEX)
                 references = accelerator.pad_across_processes(references, dim=1, pad_index=IGNORE_INDEX)
                 predictions, references = accelerator.gather_for_metrics((predictions, references))
-                keep = references.reshape(-1) != IGNORE_INDEX
-                collected[head.key].append((predictions.reshape(-1)[keep].cpu(), references.reshape(-1)[keep].cpu()))
+                # kept on the device: one host read per head at the end, not one per batch
+                collected[head.key].append((predictions.reshape(-1), references.reshape(-1)))
     model.train()
     result = {}
     for key, parts in collected.items():
         if parts:
-            result[key] = (torch.cat([p for p, _ in parts]), torch.cat([r for _, r in parts]))
+            predictions = torch.cat([p for p, _ in parts]).cpu()
+            references = torch.cat([r for _, r in parts]).cpu()
+            keep = references != IGNORE_INDEX
+            result[key] = (predictions[keep], references[keep])
         else:
             result[key] = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     return result
@@ -449,7 +452,28 @@ def run_stage(model: torch.nn.Module, plan: StagePlan, run_args, run_dir: Path, 
         disable=not (progress and accelerator.is_local_main_process),
         dynamic_ncols=True,
     )
-    running_loss, running_count = 0.0, 0
+    # Each step's loss stays on the device until it is read: ONE host read per logging interval, checkpoint and
+    # epoch end instead of one per step (a host-device sync, and a collective on several processes, that would stall
+    # every GPU step). That read also checks every process's losses for NaN/inf and names the first bad step.
+    pending_losses, pending_steps, running = [], [], []
+
+    def read_losses():
+        if not pending_losses:
+            return
+        losses = torch.stack(pending_losses)
+        gathered = accelerator.gather(losses).reshape(-1, losses.numel()).tolist()  # [processes, steps]
+        for position, where in enumerate(pending_steps):
+            bad = [row[position] for row in gathered if not math.isfinite(row[position])]
+            if bad:
+                epoch, batch, step = where
+                raise NonFiniteLossError(
+                    f"stage {plan.tag}: the training loss became {bad[0]} at epoch {epoch}, batch {batch}, optimizer "
+                    f"step {step}; lower the learning rate or check the inputs for NaN/inf"
+                )
+        running.extend(gathered[accelerator.process_index if len(gathered) > 1 else 0])
+        pending_losses.clear()
+        pending_steps.clear()
+
     stop = False
     while state.epoch < arguments.num_epochs and not stop:
         train_loader.set_epoch(state.epoch)
@@ -462,13 +486,8 @@ def run_stage(model: torch.nn.Module, plan: StagePlan, run_args, run_dir: Path, 
             with accelerator.accumulate(wrapped):
                 output = wrapped(**batch, stage=plan.stage)
                 loss = output.loss
-                finite = torch.isfinite(loss.detach()).float()
-                if accelerator.gather(finite.reshape(1)).min() < 1:
-                    raise NonFiniteLossError(
-                        f"stage {plan.tag}: the training loss became {loss.item()} at epoch {state.epoch}, "
-                        f"batch {state.step_in_epoch}, optimizer step {state.global_step + 1}; lower the learning "
-                        "rate or check the inputs for NaN/inf"
-                    )
+                pending_losses.append(loss.detach().float().reshape(()))
+                pending_steps.append((state.epoch, state.step_in_epoch, state.global_step + 1))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     for clip_params, max_norm in clip_groups:
@@ -479,27 +498,31 @@ def run_stage(model: torch.nn.Module, plan: StagePlan, run_args, run_dir: Path, 
                 scheduler.step()
                 optimizer.zero_grad()
             state.step_in_epoch += 1
-            running_loss += loss.detach().float().item()
-            running_count += 1
             if not accelerator.sync_gradients:
                 continue
             state.global_step += 1
             bar.update(1)
-            if state.global_step % run_args.logging_steps == 0 and running_count:
-                mean_loss = running_loss / running_count
+            if state.global_step % run_args.logging_steps == 0:
+                read_losses()
+            if state.global_step % run_args.logging_steps == 0 and running:
+                mean_loss = sum(running) / len(running)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 log = {f"{plan.tag}/train_loss": mean_loss, f"{plan.tag}/learning_rate": scheduler.get_last_lr()[0]}
-                for name, value in (getattr(output, "loss_terms", None) or {}).items():
-                    log[f"{plan.tag}/train_{name}"] = float(value)
+                terms = getattr(output, "loss_terms", None) or {}
+                if terms:  # one host read for all of them
+                    values = torch.stack([value.float().reshape(()) for value in terms.values()]).tolist()
+                    log.update({f"{plan.tag}/train_{name}": value for name, value in zip(terms, values)})
                 accelerator.log(log, step=state.global_step)
-                running_loss, running_count = 0.0, 0
+                running.clear()
             if state.global_step % run_args.checkpointing_steps == 0:
+                read_losses()  # never save weights that a non-finite loss has updated
                 checkpoints.save(accelerator, state.global_step, state)
             if run_args.debug_exit_after_step is not None and state.global_step >= run_args.debug_exit_after_step:
                 accelerator.print(f"[{plan.tag}] debug_exit_after_step={run_args.debug_exit_after_step}: exiting hard")
                 os._exit(17)
 
         # ---- end of epoch: validation and model selection ----
+        read_losses()
         scores = score(evaluate_heads(accelerator, wrapped, validation_loader, plan), plan.label_names)
         improved_any = False
         entry = {"epoch": state.epoch, "step": state.global_step}
