@@ -211,3 +211,12 @@ def test_bench_pseudo_labels_agreement_and_labelled_mode(tmp_path, monkeypatch):
     assert recorded["name"] == "pseudo_labels_meld"
     assert recorded["figures"]["x/llm/accuracy"] == pytest.approx(200 / 3)
     assert recorded["figures"]["x/llm_model"] == "m"
+
+    # MELD train repeats `Sr No.` (329 twice): with Dialogue_ID / Utterance_ID the ids are MELD's clip names, unique
+    with open(tmp_path / "train.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID"])
+        writer.writerow([329, "Ooooohh!", "Joey", "surprise", "negative", 32, 0])
+        writer.writerow([329, "It's the big night!", "Joey", "joy", "positive", 33, 1])
+    rows = bench.read_meld(tmp_path / "train.csv")
+    assert [r["id"] for r in rows] == ["dia32_utt0", "dia33_utt1"]
