@@ -331,6 +331,34 @@ def _layer_classes(model: torch.nn.Module) -> set[str]:
             for child in module}
 
 
+def configure_deepspeed(accelerator: Accelerator, arguments: StageArguments, group_arguments, per_device: int) -> None:
+    """Under DeepSpeed (``configs/accelerate/deepspeed_zero2.yaml``): the stage's own batch, accumulation and clipping.
+
+    The DeepSpeed config is one per run (AcceleratorState's plugin) while every stage has its own settings: before
+    each stage's ``prepare`` this writes the per-process batch, ``gradient_accumulation_steps`` and
+    ``gradient_clipping`` (the stage's ``max_grad_norm``; 0 = off) into it. DeepSpeed clips all gradients at one norm,
+    so optimiser groups asking for different norms are refused. ZeRO-3 (partitioned parameters) is refused: this loop
+    reads and loads the selected weights as whole tensors; configs/accelerate/fsdp.yaml shards parameters instead.
+    """
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
+    if zero_stage >= 3:
+        raise ValueError("DeepSpeed ZeRO-3 is not supported by merits' training loop (it needs whole parameters to "
+                         "select and load each head's weights): use ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml) "
+                         "or FSDP (configs/accelerate/fsdp.yaml), which shards the parameters too")
+    norms = {a.max_grad_norm for a in group_arguments} if group_arguments else {arguments.max_grad_norm}
+    if len(norms) > 1:
+        raise ValueError(f"DeepSpeed clips every gradient at one norm, but this stage's optimiser groups ask for "
+                         f"max_grad_norm {sorted(norms, key=str)}: give them the same value (e.g. --speech_head.max_grad_norm)"
+                         " or use DDP / FSDP")
+    steps = arguments.gradient_accumulation_steps
+    config["gradient_clipping"] = float(norms.pop() or 0.0)
+    config["gradient_accumulation_steps"] = steps
+    config["train_micro_batch_size_per_gpu"] = per_device
+    config["train_batch_size"] = per_device * steps * accelerator.num_processes
+    accelerator.gradient_accumulation_steps = steps  # ACCELERATE_GRADIENT_ACCUMULATION_STEPS (the launcher's) set it
+
+
 def load_selected_state(accelerator: Accelerator, wrapped, state: dict[str, torch.Tensor]) -> None:
     """Load full weights (``selected_state``'s, read back from disk on every process) into the prepared model: under
     FSDP2 each process keeps its shard of them; otherwise a plain ``load_state_dict``."""
@@ -494,6 +522,8 @@ def run_stage(model: torch.nn.Module, plan: StagePlan, run_args, run_dir: Path, 
     group_arguments = [a for _, a in groups] if groups else None
     scheduler = build_scheduler(optimizer, arguments, total_updates, group_arguments)
 
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(accelerator, arguments, group_arguments, per_device)
     wrapped_layers = keep_present_layer_classes(accelerator, trained)
     if wrapped_layers:
         accelerator.print(f"[{plan.tag}] FSDP: each {', '.join(wrapped_layers)} is its own shard unit")
