@@ -444,6 +444,13 @@ def distributed_state():
 def make_accelerator(run_args, arguments: StageArguments, run_dir: Path) -> Accelerator:
     """A fresh Accelerator for one stage (gloo DDP on CPU under torchrun, bf16 autocast when asked)."""
     log_with = None if run_args.report_to == "none" else run_args.report_to
+    asked = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+             if os.environ.get(variable, "false").lower() == "true"]
+    if asked and cpu_only() and os.environ.get("RANK", "0") == "0":  # said once, by the first process
+        import warnings
+
+        warnings.warn(f"Accelerate runs {asked[0]} only on accelerator devices: on this CPU-only machine the processes "
+                      "train with gloo DDP instead (each holds the whole model and optimizer state)", stacklevel=2)
     return Accelerator(
         cpu=cpu_only(),
         gradient_accumulation_steps=arguments.gradient_accumulation_steps,
