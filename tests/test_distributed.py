@@ -239,7 +239,7 @@ def _fake_accelerator(kind: str, **state):
 
     from accelerate.utils import DistributedType
 
-    return SimpleNamespace(distributed_type=getattr(DistributedType, kind), num_processes=2,
+    return SimpleNamespace(distributed_type=getattr(DistributedType, kind), num_processes=2, is_fsdp2=kind == "FSDP",
                            state=SimpleNamespace(**state), gradient_accumulation_steps=1)
 
 
@@ -258,6 +258,10 @@ def test_fsdp_wraps_the_layer_classes_the_model_has_and_names_them_when_none():
     with pytest.raises(ValueError, match="none of the layer classes to wrap .LlamaDecoderLayer.*RobertaLayer"):
         keep_present_layer_classes(_fake_accelerator("FSDP", fsdp_plugin=plugin), model)
     assert keep_present_layer_classes(_fake_accelerator("MULTI_CPU"), model) is None  # DDP: nothing to choose
+    fsdp1 = _fake_accelerator("FSDP", fsdp_plugin=plugin)
+    fsdp1.is_fsdp2 = False  # FSDP1 on CPU: its FULL_STATE_DICT gather in save_state killed a process here
+    with pytest.raises(ValueError, match="FSDP1 .fsdp_version: 1. is not supported"):
+        keep_present_layer_classes(fsdp1, model)
 
 
 def test_deepspeed_gets_each_stage_settings_and_refuses_what_it_cannot_do():

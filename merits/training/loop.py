@@ -286,8 +286,14 @@ def module_state(model: torch.nn.Module, modules: Sequence[str]) -> dict[str, to
 
 
 def shards_parameters(accelerator: Accelerator) -> bool:
-    """True under FSDP (``configs/accelerate/fsdp.yaml``): every process holds only a shard of each parameter."""
-    return accelerator.distributed_type == DistributedType.FSDP
+    """True under FSDP (``configs/accelerate/fsdp.yaml``): every process holds only a shard of each parameter.
+    FSDP1 (``fsdp_version: 1``, deprecated by torch) is refused: the loop gathers and loads weights the FSDP2 way."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return False
+    if not getattr(accelerator, "is_fsdp2", False):
+        raise ValueError("FSDP1 (fsdp_version: 1) is not supported by merits' training loop: use FSDP2 "
+                         "(fsdp_version: 2, as in configs/accelerate/fsdp.yaml)")
+    return True
 
 
 def selected_state(accelerator: Accelerator, wrapped, modules: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -362,15 +368,10 @@ def configure_deepspeed(accelerator: Accelerator, arguments: StageArguments, gro
 def load_selected_state(accelerator: Accelerator, wrapped, state: dict[str, torch.Tensor]) -> None:
     """Load full weights (``selected_state``'s, read back from disk on every process) into the prepared model: under
     FSDP2 each process keeps its shard of them; otherwise a plain ``load_state_dict``."""
-    if shards_parameters(accelerator) and getattr(accelerator, "is_fsdp2", False):
+    if shards_parameters(accelerator):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(wrapped, state, options=StateDictOptions(full_state_dict=True, strict=False))
-    elif shards_parameters(accelerator):  # FSDP1: its full-state-dict context takes full tensors on every rank
-        from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType
-
-        with FullyShardedDataParallel.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT):
-            wrapped.load_state_dict(state, strict=False)
     else:
         accelerator.unwrap_model(wrapped).load_state_dict(state, strict=False)
 
