@@ -192,9 +192,12 @@ def _assert_same_training(reference: Path, other: Path) -> float:
 
 @pytest.mark.slow
 def test_train_py_under_accelerate_fsdp_matches_ddp_and_resumes(tmp_path):
-    """configs/accelerate/fsdp.yaml through train.py: FSDP2 per RobertaLayer, FULL_STATE_DICT checkpoints."""
-    _ddp_stage1(tmp_path / "ddp")
-    first, log = _killed_and_resumed("fsdp.yaml", tmp_path / "fsdp")
+    """configs/accelerate/fsdp.yaml through train.py: FSDP2 per RobertaLayer, FULL_STATE_DICT checkpoints. Text and
+    speech: stage I's two optimiser groups (text encoder, speech head), each clipped at its own norm, on the sharded
+    parameters (a clipping that missed them would leave the run unclipped: 0.07 from DDP's weights, measured)."""
+    extra = ("--modalities", "[text, audio]", "--utterance.max_grad_norm", "1e-3", "--speech_head.max_grad_norm", "1e-3")
+    _ddp_stage1(tmp_path / "ddp", *extra)
+    first, log = _killed_and_resumed("fsdp.yaml", tmp_path / "fsdp", *extra)
     assert "[stage1] FSDP: each RobertaLayer is its own shard unit" in log  # the other layer classes are not in it
     # accelerate's FSDP save_state: the full model gathered from the shards (DDP writes model.safetensors instead)
     assert (first / "pytorch_model_fsdp.bin").is_file() and not (first / "model.safetensors").exists()
