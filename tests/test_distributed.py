@@ -5,7 +5,8 @@ checks that they give exactly the results of one machine with two processes (sam
 
 FSDP and DeepSpeed ZeRO-2 run train.py itself, started by ``accelerate launch --config_file
 configs/accelerate/{fsdp,deepspeed_zero2}.yaml --num_processes 2 --mixed_precision no``: a tiny MERITS-L stage I
-(a random 2-layer RoBERTa text encoder, dropout off) through merits/training/loop.py, killed after 12 updates and
+(a random 2-layer RoBERTa text encoder, dropout off; under FSDP with the speech head too) through
+merits/training/loop.py, killed after 12 updates and
 resumed from its ``save_state`` checkpoint, then compared with the same run under plain DDP (torchrun). Accelerate
 1.x takes FSDP / DeepSpeed only for accelerator processes (on a CPU-only machine its state falls back to no
 distribution, or to gloo DDP with ``cpu=True``), so the processes run train.py through tests/cpu_sharded_launch.py,
