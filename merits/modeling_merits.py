@@ -1471,6 +1471,13 @@ class MeritsForConversationClassification(MeritsPreTrainedModel):
             model.speech_encoder.backbone.requires_grad_(False)
         return model
 
+    def get_input_embeddings(self):
+        """The text backbone's token embeddings; None when there is no text backbone (precomputed text embeddings,
+        or no text). Accelerate's FSDP2 asks for them (they become their own shard unit); transformers' own lookup
+        does not reach into `text_encoder.backbone` and raises instead."""
+        backbone = self.text_encoder.backbone if self.text_encoder is not None else None
+        return backbone.get_input_embeddings() if backbone is not None else None
+
     # ---- stages -----------------------------------------------------------------------------------------------
     def _stage_modules(self, stage):
         if stage == "utterance":

@@ -373,3 +373,23 @@ def test_slurm_array_recipe_script_each_task_with_its_own_server(tmp_path):
     assert "merged 3 shards: 30 rows" in merged.stderr
     assert [row["id"] for row in labelled(out)] == [f"u{i:03d}" for i in range(30)]
     assert {row["llm_model"] for row in labelled(out)} == {"m"}
+
+
+def test_slurm_array_recipe_script_refuses_what_it_cannot_run(tmp_path):
+    """The sbatch script's own failures, without Slurm: not an array task; a missing setting; a vLLM server that
+    exits at once (its task fails at once, naming the server's log, instead of waiting SERVER_WAIT seconds)."""
+    script = str(REPO / "scripts" / "label_slurm_array.sbatch")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
+           "LLM_MODEL": "m", "NUM_SHARDS": "2", "DEVICE": "cpu", "SERVER_WAIT": "60", "INPUT_ARGS": "--transcripts x.csv"}
+    for name in ("LLM_URLS", "SLURM_ARRAY_TASK_ID"):
+        env.pop(name, None)
+    run = lambda **more: subprocess.run(["bash", script], env={**env, **more}, capture_output=True, text=True, timeout=120)
+    result = run()
+    assert result.returncode != 0 and "not an array task (submit with sbatch --array=0-N)" in result.stderr
+    result = run(SLURM_ARRAY_TASK_ID="1", NUM_SHARDS="")
+    assert result.returncode != 0 and "NUM_SHARDS: set NUM_SHARDS" in result.stderr
+    result = run(SLURM_ARRAY_TASK_ID="1", VLLM_PYTHON="false", PORT=str(free_port()))
+    assert result.returncode == 1, result.stderr
+    assert f"the vLLM server of task 1 did not come up; see {tmp_path / 'out' / 'logs' / 'vllm-1.log'}" in result.stderr
+    assert not (tmp_path / "out" / "shards").exists()  # no labelling started

@@ -21,6 +21,7 @@ Validation alone selects; the test split is scored once, with the selected model
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -32,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
 
 from ..metrics import compute_erc_metrics
 from .arguments import StageArguments
@@ -284,6 +285,97 @@ def module_state(model: torch.nn.Module, modules: Sequence[str]) -> dict[str, to
     return {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
 
 
+def shards_parameters(accelerator: Accelerator) -> bool:
+    """True under FSDP (``configs/accelerate/fsdp.yaml``): every process holds only a shard of each parameter.
+    FSDP1 (``fsdp_version: 1``, deprecated by torch) is refused: the loop gathers and loads weights the FSDP2 way."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return False
+    if not getattr(accelerator, "is_fsdp2", False):
+        raise ValueError("FSDP1 (fsdp_version: 1) is not supported by merits' training loop: use FSDP2 "
+                         "(fsdp_version: 2, as in configs/accelerate/fsdp.yaml)")
+    return True
+
+
+def selected_state(accelerator: Accelerator, wrapped, modules: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The full weights of the named submodules of the prepared model, on the main process.
+
+    Under FSDP this gathers the shards (``accelerator.get_state_dict``: the full state dict on rank 0, empty elsewhere),
+    so every process must call it; otherwise it reads the unwrapped model's own state dict."""
+    if shards_parameters(accelerator):
+        prefixes = tuple(f"{name}." for name in modules)
+        return {k: v for k, v in accelerator.get_state_dict(wrapped).items() if k.startswith(prefixes)}
+    return module_state(accelerator.unwrap_model(wrapped), modules)
+
+
+def keep_present_layer_classes(accelerator: Accelerator, model: torch.nn.Module) -> list[str] | None:
+    """Under FSDP with a transformer-layer wrap policy: keep the layer classes of the policy that ``model`` has.
+
+    ``configs/accelerate/fsdp.yaml`` names the layers of every backbone the systems use (RobertaLayer for MERITS-L,
+    Qwen2DecoderLayer and WhisperEncoderLayer for MiSTER-E, ...), while Accelerate refuses a class the model lacks.
+    Returns the kept names (None when there is nothing to choose); a list of which the model has none is refused.
+    """
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    names = getattr(plugin, "transformer_cls_names_to_wrap", None) if shards_parameters(accelerator) else None
+    if not names or not isinstance(names, (list, tuple)):
+        return None
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    present = [name for name in names if get_module_class_from_name(model, name) is not None]
+    if not present:
+        raise ValueError(
+            f"FSDP: the model has none of the layer classes to wrap ({', '.join(names)}); set "
+            "fsdp_transformer_layer_cls_to_wrap (accelerate launch --fsdp_transformer_layer_cls_to_wrap NAME) to its "
+            f"backbone's layer class, e.g. one of: {', '.join(sorted(_layer_classes(model))) or 'none found'}"
+        )
+    plugin.transformer_cls_names_to_wrap = present
+    return present
+
+
+def _layer_classes(model: torch.nn.Module) -> set[str]:
+    """The class names of the modules that form a ``ModuleList`` (the repeated layers of a backbone)."""
+    return {type(child).__name__ for module in model.modules() if isinstance(module, torch.nn.ModuleList)
+            for child in module}
+
+
+def configure_deepspeed(accelerator: Accelerator, arguments: StageArguments, group_arguments, per_device: int) -> None:
+    """Under DeepSpeed (``configs/accelerate/deepspeed_zero2.yaml``): the stage's own batch, accumulation and clipping.
+
+    The DeepSpeed config is one per run (AcceleratorState's plugin) while every stage has its own settings: before
+    each stage's ``prepare`` this writes the per-process batch, ``gradient_accumulation_steps`` and
+    ``gradient_clipping`` (the stage's ``max_grad_norm``; 0 = off) into it. DeepSpeed clips all gradients at one norm,
+    so optimiser groups asking for different norms are refused. ZeRO-3 (partitioned parameters) is refused: this loop
+    reads and loads the selected weights as whole tensors; configs/accelerate/fsdp.yaml shards parameters instead.
+    """
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
+    if zero_stage >= 3:
+        raise ValueError("DeepSpeed ZeRO-3 is not supported by merits' training loop (it needs whole parameters to "
+                         "select and load each head's weights): use ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml) "
+                         "or FSDP (configs/accelerate/fsdp.yaml), which shards the parameters too")
+    norms = {a.max_grad_norm for a in group_arguments} if group_arguments else {arguments.max_grad_norm}
+    if len(norms) > 1:
+        raise ValueError(f"DeepSpeed clips every gradient at one norm, but this stage's optimiser groups ask for "
+                         f"max_grad_norm {sorted(norms, key=str)}: give them the same value (e.g. --speech_head.max_grad_norm)"
+                         " or use DDP / FSDP")
+    steps = arguments.gradient_accumulation_steps
+    config["gradient_clipping"] = float(norms.pop() or 0.0)
+    config["gradient_accumulation_steps"] = steps
+    config["train_micro_batch_size_per_gpu"] = per_device
+    config["train_batch_size"] = per_device * steps * accelerator.num_processes
+    accelerator.gradient_accumulation_steps = steps  # ACCELERATE_GRADIENT_ACCUMULATION_STEPS (the launcher's) set it
+
+
+def load_selected_state(accelerator: Accelerator, wrapped, state: dict[str, torch.Tensor]) -> None:
+    """Load full weights (``selected_state``'s, read back from disk on every process) into the prepared model: under
+    FSDP2 each process keeps its shard of them; otherwise a plain ``load_state_dict``."""
+    if shards_parameters(accelerator):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(wrapped, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        accelerator.unwrap_model(wrapped).load_state_dict(state, strict=False)
+
+
 def evaluate_heads(accelerator: Accelerator, model, loader, plan: StagePlan, heads: Sequence[Head] | None = None):
     """Predictions of every head over ``loader`` (gathered over processes): ``{key: (preds, refs)}`` as 1-D tensors."""
     heads = list(heads if heads is not None else plan.heads)
@@ -356,6 +448,13 @@ def distributed_state():
 def make_accelerator(run_args, arguments: StageArguments, run_dir: Path) -> Accelerator:
     """A fresh Accelerator for one stage (gloo DDP on CPU under torchrun, bf16 autocast when asked)."""
     log_with = None if run_args.report_to == "none" else run_args.report_to
+    asked = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+             if os.environ.get(variable, "false").lower() == "true"]
+    if asked and cpu_only() and os.environ.get("RANK", "0") == "0":  # said once, by the first process
+        import warnings
+
+        warnings.warn(f"Accelerate runs {asked[0]} only on accelerator devices: on this CPU-only machine the processes "
+                      "train with gloo DDP instead (each holds the whole model and optimizer state)", stacklevel=2)
     return Accelerator(
         cpu=cpu_only(),
         gradient_accumulation_steps=arguments.gradient_accumulation_steps,
@@ -395,6 +494,11 @@ def run_stage(model: torch.nn.Module, plan: StagePlan, run_args, run_dir: Path, 
     if plan.after_freeze is not None:
         plan.after_freeze(model)
     model.train()
+    # FSDP shards the module it prepares in place (and with cpu_ram_efficient_loading empties it on every process but
+    # the first): it gets a copy, and the selected weights come back into `model` from the stage's best files below,
+    # so the caller's model stays a plain module for the next stages, the feature export and save_pretrained
+    sharded = shards_parameters(accelerator)
+    trained = copy.deepcopy(model) if sharded else model
 
     processes = accelerator.num_processes
     per_device = max(1, arguments.batch_size // (processes * arguments.gradient_accumulation_steps))
@@ -421,20 +525,26 @@ def run_stage(model: torch.nn.Module, plan: StagePlan, run_args, run_dir: Path, 
 
     updates_per_epoch = math.ceil(math.ceil(len(plan.train) / (per_device * processes)) / arguments.gradient_accumulation_steps)
     total_updates = updates_per_epoch * arguments.num_epochs
-    groups = plan.param_groups(model) if plan.param_groups is not None else None
+    groups = plan.param_groups(trained) if plan.param_groups is not None else None
     if groups:
         groups = [(list(p), a) for p, a in groups]
         groups = [(p, a) for p, a in groups if any(x.requires_grad for x in p)] or None
-    optimizer = build_optimizer(model.parameters(), arguments, groups)
+    optimizer = build_optimizer(trained.parameters(), arguments, groups)
     group_arguments = [a for _, a in groups] if groups else None
     scheduler = build_scheduler(optimizer, arguments, total_updates, group_arguments)
-    # gradient clipping per optimiser group, each at its own max_grad_norm (None: no clipping)
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(accelerator, arguments, group_arguments, per_device)
+    wrapped_layers = keep_present_layer_classes(accelerator, trained)
+    if wrapped_layers:
+        accelerator.print(f"[{plan.tag}] FSDP: each {', '.join(wrapped_layers)} is its own shard unit")
+    wrapped, optimizer, train_loader, validation_loader, scheduler = accelerator.prepare(
+        trained, optimizer, train_loader, validation_loader, scheduler
+    )
+    # gradient clipping per optimiser group, each at its own max_grad_norm (None: no clipping); read after prepare,
+    # which gives FSDP's optimizer new parameter lists (the sharded parameters)
     clip_groups = ([(group["params"], a.max_grad_norm) for group, a in zip(optimizer.param_groups, group_arguments)]
                    if group_arguments else [(None, arguments.max_grad_norm)])
-
-    wrapped, optimizer, train_loader, validation_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, validation_loader, scheduler
-    )
     if test_loader is not None:
         test_loader = accelerator.prepare(test_loader)
     state = TrainerState()
@@ -537,8 +647,9 @@ def run_stage(model: torch.nn.Module, plan: StagePlan, run_args, run_dir: Path, 
                 state.best_epoch[head.key] = state.epoch
                 state.best_metrics[head.key] = scores[head.key]
                 improved_any = True
+                weights = selected_state(accelerator, wrapped, head.modules)  # every process (FSDP gathers)
                 if accelerator.is_main_process:
-                    checkpoints.save_best(module_state(accelerator.unwrap_model(wrapped), head.modules), head.key)
+                    checkpoints.save_best(weights, head.key)
         missing = [head.key or "final" for head in selecting if head.key not in scores]
         if missing:
             raise ValueError(
@@ -561,9 +672,11 @@ def run_stage(model: torch.nn.Module, plan: StagePlan, run_args, run_dir: Path, 
 
     # ---- the selected model: load it, score validation and test once ----
     accelerator.wait_for_everyone()
-    model = accelerator.unwrap_model(wrapped)
     for head in selecting:
-        model.load_state_dict(checkpoints.load_best(head.key), strict=False)
+        best = checkpoints.load_best(head.key)
+        model.load_state_dict(best, strict=False)  # the caller's module (under DDP the one `wrapped` wraps)
+        if sharded:
+            load_selected_state(accelerator, wrapped, best)  # the sharded copy that scores validation and test
     results: dict = {}
     predictions = {}
     for split, loader in (("validation", validation_loader), ("test", test_loader)):
@@ -584,6 +697,9 @@ def run_stage(model: torch.nn.Module, plan: StagePlan, run_args, run_dir: Path, 
     for tracker in accelerator.trackers:
         tracker.finish()
     checkpoints.remove_checkpoints(accelerator)
+    if sharded:
+        accelerator.free_memory()  # the sharded copy, its optimizer state and gradients
+        del wrapped, trained, optimizer
     model.freeze_for_stage(plan.stage)  # leave requires_grad as the stage set it; callers refreeze per stage
     model.eval()
     return results, predictions
