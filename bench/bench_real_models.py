@@ -13,6 +13,10 @@ Tasks (``--tasks emodb,mosi,meld``):
 - ``mosi`` / ``meld``: the frozen all-MiniLM-L6-v2 mean-pooled embeddings + logistic regression, C chosen on dev
   (dev weighted F1; the test splits are not touched).
 
+``--runs NAME=DIR[,NAME=DIR...]`` records train.py runs made with the real-model configs (each DIR's
+``all_results.json``: the validation / leave-one-speaker-out figures, under ``NAME/``), e.g.
+``--runs emodb_whisper=OUT`` for ``configs/emodb_whisper_cpu.yaml``; ``--tasks ''`` records only those.
+
 Needs ``python scripts/offline_models.py`` (the models) and ``MERITS_SHARED_DATA`` (default ../shared/data).
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import sys
 import time
@@ -183,6 +188,21 @@ def task_emodb(args) -> dict:
     figures["emodb/ours_layer_weights_head/best_epochs"] = epochs
     figures["emodb/ours_minus_probe_weighted_f1"] = round(test["weighted_f1"] - probe["weighted_f1"], 4)
 
+    if args.padded_probe:  # the same probe and head on the 30 s-padded encoder's vectors of every clip
+        padded_cache = Path(args.cache) / "emodb_whisper_base_padded.npy"
+        if padded_cache.is_file():
+            padded_layers = np.load(padded_cache)
+            figures["emodb/padded_cpu_seconds"] = "cached"
+        else:
+            padded_layers, seconds = whisper_pooled(encoder, extractor, waves, own=False)
+            np.save(padded_cache, padded_layers)
+            figures["emodb/padded_cpu_seconds"] = round(seconds, 1)
+        probe_padded, chosen_padded = loso_probe(padded_layers.reshape(len(padded_layers), -1), labels, speakers)
+        figures.update({f"emodb/probe_padded/{k}": round(v, 4) for k, v in probe_padded.items()})
+        figures["emodb/probe_padded/C_per_fold"] = chosen_padded
+        test_padded, _, _ = loso_head(padded_layers, labels, speakers)
+        figures.update({f"emodb/ours_layer_weights_head_padded/{k}": round(v, 4) for k, v in test_padded.items()})
+
     if args.padded_clips:
         subset = np.random.default_rng(0).choice(len(waves), size=min(args.padded_clips, len(waves)), replace=False)
         own, own_seconds = whisper_pooled(encoder, extractor, [waves[i] for i in subset], own=True)
@@ -240,22 +260,48 @@ def task_text(name: str, args) -> dict:
             f"{name}/train_utterances": len(train), f"{name}/dev_utterances": len(dev)}
 
 
+#: all_results.json keys recorded for a train.py run (validation figures, the leave-one-speaker-out ones, selections)
+RUN_KEYS = ("validation_", "loso_", "test_stage1_audio_", "final_epochs", "selected_", "stage1_text_best_epoch")
+
+
+def task_runs(specs: str) -> dict:
+    figures = {}
+    for spec in filter(None, specs.split(",")):
+        name, _, folder = spec.partition("=")
+        if not folder:
+            raise SystemExit(f"--runs expects NAME=DIR, got {spec!r}")
+        results_file = Path(folder) / "all_results.json"
+        if not results_file.is_file():
+            raise SystemExit(f"--runs {spec}: {results_file} does not exist (is the run finished?)")
+        results = json.loads(results_file.read_text())
+        for key, value in sorted(results.items()):
+            if key.startswith(RUN_KEYS) and isinstance(value, (int, float, str)) and not key.endswith("_confusion_matrix"):
+                figures[f"{name}/{key}"] = round(value, 4) if isinstance(value, float) else value
+        figures[f"{name}/run_dir"] = str(folder)
+    return figures
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="emodb,mosi,meld")
     parser.add_argument("--padded_clips", type=int, default=40, help="clips for the own-frames vs 30 s comparison")
+    parser.add_argument("--padded_probe", action="store_true",
+                        help="also the probe and the head on 30 s-padded vectors of EVERY clip (~10x the encoder time)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "merits-offline" / "bench"))
+    parser.add_argument("--runs", default="", help="NAME=DIR[,NAME=DIR...]: train.py runs to record (module doc)")
+    parser.add_argument("--name", default=None, help="record name (default real_models_<tasks>)")
     parser.add_argument("--load_note", default="", help="how loaded the machine was (recorded in the notes)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     figures = {}
-    for task in args.tasks.split(","):
+    for task in filter(None, args.tasks.split(",")):
         figures.update(task_emodb(args) if task == "emodb" else task_text(task, args))
+    figures.update(task_runs(args.runs))
     load = os.getloadavg()
     notes = (f"load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} on {os.cpu_count()} cores; "
              f"{args.load_note}").strip("; ")
-    record("real_models_" + args.tasks.replace(",", "_"), figures, notes)
+    record(args.name or "real_models_" + (args.tasks.replace(",", "_") or "runs"), figures, notes)
 
 
 if __name__ == "__main__":
