@@ -157,6 +157,9 @@ class TrainingArguments:
     # --- leave-one-speaker-out model selection (corpora with no validation split, e.g. EmoDB) ---
     speaker_folds: bool = False  # stage I speech head: every speaker held out once (test), the next one validates
     speaker_column: str = "speaker"  # the column naming each utterance's speaker (speaker_folds only)
+    # speaker folds: after the choice on the validation speaker (candidate, epochs), retrain on training + validation
+    # speakers and test that model (a linear probe refits on both after choosing C); False: test the chosen model itself
+    fold_refit: bool = False
     fold_candidates: Optional[list] = None  # settings compared on the folds: mappings of options ({"utterance.learning_rate": 1e-3})
 
     # --- stages ---

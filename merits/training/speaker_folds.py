@@ -139,7 +139,8 @@ def run_speaker_folds(args: TrainingArguments, output_dir: Path, state) -> dict:
     figures; also written as ``loso_*``); the same pooling over the validation speakers gives
     ``validation_stage1_audio_*``. The final model takes the candidate with the best pooled validation wF1,
     trained on all speakers for the median of its folds' best epochs (inputs standardised on all speakers), and is
-    written to ``OUT/best/``. The head reads acoustic statistics or a frozen backbone's pooled layers (module doc).
+    written to ``OUT/best/``. With ``fold_refit``, each fold's test predictions come instead from its chosen candidate
+    retrained on the training + validation speakers for the median of that candidate's best epochs. The head reads acoustic statistics or a frozen backbone's pooled layers (module doc).
     """
     import datasets
     from accelerate.utils import set_seed
@@ -207,6 +208,17 @@ def run_speaker_folds(args: TrainingArguments, output_dir: Path, state) -> dict:
     columns = ["dialogue_id", "turn", "label", "audio_features"]
     heads = heads_for("utterance", architecture, False, True)
 
+    def train_fold(cargs, train_rows, validation_rows, test_rows, fold_dir: Path) -> dict:
+        fold_mean, fold_std, column = fold_inputs(train_rows)
+        fold = plain.add_column("audio_features", column)
+        items = {name: utterance_items(fold.select(np.flatnonzero(rows)), columns)
+                 for name, rows in (("train", train_rows), ("validation", validation_rows), ("test", test_rows))}
+        set_seed(cargs.seed)
+        model = head_model(cargs, fold_mean, fold_std)
+        plan = StagePlan("utterance", "stage1", heads, items["train"], items["validation"], items["test"],
+                         FeatureCollator(), cargs.utterance, label_names)
+        return _fold_record(model, plan, cargs, fold_dir)
+
     candidates = list(args.fold_candidates or [{}])
     records: list[list[dict]] = []  # [candidate][fold]
     for c, overrides in enumerate(candidates):
@@ -217,16 +229,8 @@ def run_speaker_folds(args: TrainingArguments, output_dir: Path, state) -> dict:
             test_rows = speakers == held_out
             validation_rows = speakers == validation_speaker
             train_rows = ~(test_rows | validation_rows)
-            fold_mean, fold_std, column = fold_inputs(train_rows)
-            fold = plain.add_column("audio_features", column)
-            items = {name: utterance_items(fold.select(np.flatnonzero(rows)), columns)
-                     for name, rows in (("train", train_rows), ("validation", validation_rows), ("test", test_rows))}
-            set_seed(cargs.seed)
-            model = head_model(cargs, fold_mean, fold_std)
-            plan = StagePlan("utterance", "stage1", heads, items["train"], items["validation"], items["test"],
-                             FeatureCollator(), cargs.utterance, label_names)
             fold_dir = output_dir / "folds" / f"candidate{c}" / f"speaker_{held_out}"
-            record = _fold_record(model, plan, cargs, fold_dir)
+            record = train_fold(cargs, train_rows, validation_rows, test_rows, fold_dir)
             record.update(test_speaker=held_out, validation_speaker=validation_speaker)
             records[c].append(record)
 
@@ -241,9 +245,22 @@ def run_speaker_folds(args: TrainingArguments, output_dir: Path, state) -> dict:
                 results[f"candidate{c}_{split}_stage1_audio_{metric}"] = metrics[metric]
     chosen_per_fold = [max(range(len(candidates)), key=lambda c: (records[c][i]["validation_weighted_f1"], -c))
                        for i in range(len(distinct))]
+    test_records = [records[c][i] for i, c in enumerate(chosen_per_fold)]
+    if args.fold_refit:
+        # each fold's choice (candidate, epochs) retrained on its training + validation speakers, then tested once
+        test_records = []
+        for i, c in enumerate(chosen_per_fold):
+            refit_args = candidate_arguments(args, candidates[c], f"fold_candidates[{c}]")
+            # the median over the candidate's folds of their best epochs (one validation speaker's choice is noisy)
+            refit_args.utterance.num_epochs = max(1, int(round(float(np.median([r["best_epoch"] for r in records[c]])))))
+            test_rows = speakers == distinct[i]
+            fold_dir = output_dir / "folds" / f"candidate{c}" / f"speaker_{distinct[i]}" / "refit"
+            # no speaker is left for validation: the training rows stand in (as for the final model below)
+            test_records.append(train_fold(refit_args, ~test_rows, ~test_rows, test_rows, fold_dir))
     predictions = {}
     for split in ("validation", "test"):
-        preds, refs = pooled([records[c][i][split] for i, c in enumerate(chosen_per_fold)])
+        chosen = [records[c][i] for i, c in enumerate(chosen_per_fold)] if split == "validation" else test_records
+        preds, refs = pooled([r[split] for r in chosen])
         predictions[(split, "stage1", "audio")] = (torch.tensor(preds), torch.tensor(refs))
         for metric, value in compute_erc_metrics(preds, refs, label_names=label_names).items():
             results[f"{split}_stage1_audio_{metric}"] = value
