@@ -10,7 +10,8 @@ Tasks (``--tasks emodb,mosi,meld``):
   pooled layers (``audio_feature_layers``; the mix commutes with the time mean, so this is the head on the frozen
   backbone), epoch chosen on the validation speaker. Also: own frames vs the 30 s-padded encoder on
   ``--padded_clips`` clips (max abs / relative difference of the pooled vectors, CPU-time ratio).
-- ``mosi`` / ``meld``: the frozen all-MiniLM-L6-v2 mean-pooled embeddings + logistic regression, C chosen on dev
+- ``mosi`` / ``meld``: the frozen all-MiniLM-L6-v2 mean-pooled embeddings (raw, and L2-normalised as sentence-transformers
+  returns them) + logistic regression, C chosen on dev
   (dev weighted F1; the test splits are not touched).
 
 ``--runs NAME=DIR[,NAME=DIR...]`` records train.py runs made with the real-model configs (each DIR's
@@ -252,12 +253,17 @@ def task_text(name: str, args) -> dict:
     x_train, x_dev = minilm_embeddings(train["text"]), minilm_embeddings(dev["text"])
     seconds = time.process_time() - start
     y_train, y_dev = np.array(train["label"]), np.array(dev["label"])
-    results = {C: scores(y_dev, logreg(C).fit(x_train, y_train).predict(x_dev)) for C in C_GRID}
-    best = max(C_GRID, key=lambda C: results[C]["weighted_f1"])
-    return {f"{name}/frozen_minilm_logreg/dev_weighted_f1": round(results[best]["weighted_f1"], 4),
-            f"{name}/frozen_minilm_logreg/dev_accuracy": round(results[best]["accuracy"], 4),
-            f"{name}/frozen_minilm_logreg/C": best, f"{name}/embedding_cpu_seconds": round(seconds, 1),
-            f"{name}/train_utterances": len(train), f"{name}/dev_utterances": len(dev)}
+    figures = {f"{name}/embedding_cpu_seconds": round(seconds, 1), f"{name}/train_utterances": len(train),
+               f"{name}/dev_utterances": len(dev)}
+    # mean pooling as the model was trained; sentence-transformers' pipeline then L2-normalises (its Normalize module)
+    for tag, (a, b) in {"frozen_minilm_logreg": (x_train, x_dev),
+                        "frozen_minilm_l2_logreg": (x_train / np.linalg.norm(x_train, axis=1, keepdims=True),
+                                                    x_dev / np.linalg.norm(x_dev, axis=1, keepdims=True))}.items():
+        results = {C: scores(y_dev, logreg(C).fit(a, y_train).predict(b)) for C in C_GRID}
+        best = max(C_GRID, key=lambda C: results[C]["weighted_f1"])
+        figures.update({f"{name}/{tag}/dev_weighted_f1": round(results[best]["weighted_f1"], 4),
+                        f"{name}/{tag}/dev_accuracy": round(results[best]["accuracy"], 4), f"{name}/{tag}/C": best})
+    return figures
 
 
 #: all_results.json keys recorded for a train.py run (validation figures, the leave-one-speaker-out ones, selections)

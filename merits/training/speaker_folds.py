@@ -30,6 +30,7 @@ from .stages import (
     _where,
     add_acoustic_features,
     build_model,
+    cached_utterance_features,
     final_results,
     heads_for,
     load_corpus,
@@ -78,45 +79,22 @@ def backbone_layer_features(dataset, source: str, model, processor, cache_dir: P
 
     Computed once on the main process and cached in ``cache_dir`` under the dataset's fingerprint and the backbone's
     name; the other processes read the cache."""
-    from tqdm.auto import tqdm
-
-    from ..data.audio import load_audio
-
     key = "".join(c if c.isalnum() or c in "-_." else "_" for c in backbone_name)[-80:]
     cache_file = Path(cache_dir) / f"backbone_layers_{key}_{dataset._fingerprint}.npy"
-    encoder = model.speech_encoder
-    with accelerator_state.main_process_first():
-        if cache_file.is_file():
-            stacked = np.load(cache_file)
-        else:
-            rows = []
-            view = dataset.select_columns(["dialogue_id", "turn", "audio"])
-            for row in tqdm(view, total=len(view), desc="speech backbone (frozen) [every utterance]",
-                            disable=not accelerator_state.is_local_main_process):
-                where = _where(source, "all", row["dialogue_id"], row["turn"])
-                if row["audio"] is None:
-                    raise DataError(f"{where}: no audio (speaker folds need audio for every utterance)")
-                try:
-                    array = load_audio(row["audio"], 16000, source=where)
-                except Exception as error:
-                    raise DataError(f"{where}: cannot read its audio: {error}") from error
-                batch = processor(conversations=[[{"text": None, "audio": array}]], sampling_rate=16000,
-                                  return_tensors="pt")
-                with torch.inference_mode():
-                    pooled = encoder.pooled_layers(input_values=batch.get("input_values"),
-                                                   input_features=batch.get("input_features"),
-                                                   audio_attention_mask=batch.get("audio_attention_mask"))
-                value = pooled[:, 0].float().numpy()
-                if not np.isfinite(value).all():
-                    raise DataError(f"{where}: the speech backbone gave NaN/inf hidden states")
-                rows.append(value)
-            stacked = np.stack(rows).astype(np.float32)
-            if accelerator_state.is_main_process:
-                cache_file.parent.mkdir(parents=True, exist_ok=True)
-                np.save(cache_file, stacked)
-    if stacked.shape[0] != len(dataset):
-        raise DataError(f"{cache_file}: cached backbone features do not match the corpus ({stacked.shape[0]} != {len(dataset)} utterances)")
-    return stacked
+
+    def pooled_layers(array, where):
+        batch = processor(conversations=[[{"text": None, "audio": array}]], sampling_rate=16000, return_tensors="pt")
+        with torch.inference_mode():
+            pooled = model.speech_encoder.pooled_layers(input_values=batch.get("input_values"),
+                                                        input_features=batch.get("input_features"),
+                                                        audio_attention_mask=batch.get("audio_attention_mask"))
+        value = pooled[:, 0].float().numpy()
+        if not np.isfinite(value).all():
+            raise DataError(f"{where}: the speech backbone gave NaN/inf hidden states")
+        return value
+
+    return cached_utterance_features(dataset, cache_file, accelerator_state, pooled_layers, source, "all",
+                                     "speech backbone (frozen) [every utterance]")
 
 
 def _head_arguments(args: TrainingArguments, layers: int) -> TrainingArguments:

@@ -449,6 +449,43 @@ def uses_acoustic_features(args: TrainingArguments) -> bool:
     return args.audio_features == "acoustic" and args.audio_config is None and args.audio_model_name_or_path is None
 
 
+def cached_utterance_features(dataset, cache_file: Path, accelerator_state, compute, source: str, split: str,
+                              description: str, missing=None) -> np.ndarray:
+    """``compute(waveform_16khz, where)`` of every utterance of ``dataset``, stacked [N, ...] and cached in
+    ``cache_file`` (computed on the main process; the others read the cache). An utterance without audio gets
+    ``missing``, or a DataError naming it when ``missing`` is None."""
+    from tqdm.auto import tqdm
+
+    from ..data.audio import load_audio
+
+    with accelerator_state.main_process_first():
+        if cache_file.is_file():
+            stacked = np.load(cache_file)
+        else:
+            rows = []
+            view = dataset.select_columns(["dialogue_id", "turn", "audio"])
+            for row in tqdm(view, total=len(view), desc=description,
+                            disable=not accelerator_state.is_local_main_process):
+                where = _where(source, split, row["dialogue_id"], row["turn"])
+                if row["audio"] is None:
+                    if missing is None:
+                        raise DataError(f"{where}: no audio")
+                    rows.append(missing)
+                    continue
+                try:
+                    array = load_audio(row["audio"], 16000, source=where)
+                except Exception as error:
+                    raise DataError(f"{where}: cannot read its audio: {error}") from error
+                rows.append(compute(array, where))
+            stacked = np.stack(rows).astype(np.float32)
+            if accelerator_state.is_main_process:
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                np.save(cache_file, stacked)
+    if stacked.shape[0] != len(dataset):
+        raise DataError(f"{cache_file}: cached features do not match the split ({stacked.shape[0]} != {len(dataset)} turns)")
+    return stacked
+
+
 def add_acoustic_features(corpus: Corpus, cache_dir: Path, accelerator_state) -> "MeritsAcousticFeatureExtractor":
     """Add an ``audio_features`` column (acoustic statistics, None where a turn has no audio) to every split.
 
@@ -456,41 +493,22 @@ def add_acoustic_features(corpus: Corpus, cache_dir: Path, accelerator_state) ->
     dataset fingerprint; they are normalised with the training split's mean and std, which the returned extractor
     carries, so the processor saved in ``best/`` computes exactly the training inputs from raw audio.
     """
-    from tqdm.auto import tqdm
-
-    from ..data.audio import load_audio
     from ..feature_extraction_merits import MeritsAcousticFeatureExtractor
 
     extractor = MeritsAcousticFeatureExtractor()
+
+    def statistics(array, where):
+        features = extractor(array, sampling_rate=16000)["audio_features"][0]
+        if not np.isfinite(features).all():
+            raise DataError(f"{where}: its acoustic features hold NaN or inf (silent or corrupt audio?)")
+        return features
+
     raw: dict[str, np.ndarray] = {}
     for split, dataset in corpus.splits.items():
         cache_file = Path(cache_dir) / f"acoustic_features_{split}_{dataset._fingerprint}.npy"
-        with accelerator_state.main_process_first():
-            if cache_file.is_file():
-                stacked = np.load(cache_file)
-            else:
-                rows = []
-                view = dataset.select_columns(["dialogue_id", "turn", "audio"])
-                for row in tqdm(view, total=len(view), desc=f"acoustic features [{split}]",
-                                disable=not accelerator_state.is_local_main_process):
-                    if row["audio"] is None:
-                        rows.append(np.full(extractor.feature_size, np.nan, np.float32))
-                        continue
-                    where = _where(corpus.name, split, row["dialogue_id"], row["turn"])
-                    try:
-                        array = load_audio(row["audio"], 16000, source=where)
-                    except Exception as error:
-                        raise DataError(f"{where}: cannot read its audio: {error}") from error
-                    features = extractor(array, sampling_rate=16000)["audio_features"][0]
-                    if not np.isfinite(features).all():
-                        raise DataError(f"{where}: its acoustic features hold NaN or inf (silent or corrupt audio?)")
-                    rows.append(features)
-                stacked = np.stack(rows).astype(np.float32)
-                if accelerator_state.is_main_process:
-                    cache_file.parent.mkdir(parents=True, exist_ok=True)
-                    np.save(cache_file, stacked)
-        if stacked.shape[0] != len(dataset):
-            raise DataError(f"{cache_file}: cached acoustic features do not match the split ({stacked.shape[0]} != {len(dataset)} turns)")
+        stacked = cached_utterance_features(dataset, cache_file, accelerator_state, statistics, corpus.name, split,
+                                            f"acoustic features [{split}]",
+                                            missing=np.full(extractor.feature_size, np.nan, np.float32))
         raw[split] = stacked
     train = raw["train"][np.isfinite(raw["train"]).all(axis=1)]
     if len(train) < 2:
