@@ -92,3 +92,40 @@ def test_minilm_configs_name_real_hub_ids(name):
     assert config["text_model_name_or_path"] == config["tokenizer_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert config["modalities"] == ["text"] and config["stages"] == ["utterance", "context"]
     assert config["model"]["text_pooling"] == "mean"  # how all-MiniLM-L6-v2 was trained
+
+
+def test_whisper_and_stage0_configs_name_real_hub_ids():
+    emodb = yaml.safe_load((ROOT / "configs" / "emodb_whisper_cpu.yaml").read_text())
+    assert emodb["audio_model_name_or_path"] == "openai/whisper-base" and emodb["speaker_folds"] is True
+    assert emodb["model"]["standardize_speech_layers"] is True and emodb["modalities"] == ["audio"]
+    stage0 = yaml.safe_load((ROOT / "configs" / "meld_stage0_minilm_cpu.yaml").read_text())
+    meld = yaml.safe_load((ROOT / "configs" / "meld_minilm_cpu.yaml").read_text())
+    assert stage0["dataset"] == "pseudo_labels" and stage0["stages"] == ["pretrain"]
+    # stage 0 initialises meld_minilm_cpu.yaml's stage I: the same encoder, pooling and token limit
+    for key in ("text_model_name_or_path", "tokenizer_name_or_path", "max_text_length"):
+        assert stage0[key] == meld[key], key
+    assert stage0["model"]["text_pooling"] == meld["model"]["text_pooling"]
+
+
+def test_layer_standardisation_is_applied_before_the_mix():
+    """standardize_speech_layers: (x - mean) / std per layer, then the softmax mix, then the head; saved with the model."""
+    from merits import MeritsConfig
+    from merits.modeling_merits import MeritsSpeechEncoder
+
+    torch.manual_seed(0)
+    config = MeritsConfig(architecture="merits-l", audio_feature_dim=5, audio_feature_layers=3, id2label={0: "a", 1: "b"},
+                          speech_head_hidden_sizes=[4], standardize_speech_layers=True)
+    encoder = MeritsSpeechEncoder(config).eval()
+    torch.nn.init.normal_(encoder.layer_weights)
+    x = torch.randn(6, 3, 5) * 4 + 2
+    mean, std = x.mean(0), x.std(0)
+    encoder.set_layer_statistics(mean, std)
+    weights = torch.softmax(encoder.layer_weights, 0)
+    expected = encoder.head(torch.einsum("k,nkf->nf", weights, (x - mean) / std))
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(audio_features=x)[0], expected.detach())
+    assert {"layer_mean", "layer_std"} <= set(encoder.state_dict())
+    with pytest.raises(ValueError, match="shape"):
+        encoder.set_layer_statistics(mean[:2], std)
+    with pytest.raises(ValueError, match="standardize_speech_layers"):
+        MeritsConfig(architecture="merits-l", audio_feature_dim=5, id2label={0: "a", 1: "b"}, standardize_speech_layers=True)
