@@ -251,3 +251,29 @@ def test_tfidf_on_real_mosi_slice():
     train, dev = corpus["train"].select(range(400)), corpus["validation"]
     result = baselines.tfidf_logreg(train["text"], train["label"], dev["text"], dev["label"], C=1.0)
     assert 0.5 < result["accuracy"] <= 1.0
+
+
+def test_stage0_comparison_pairs_seeds_and_refuses_mixed_arms(tmp_path, monkeypatch):
+    import json
+
+    from bench import bench_stage0
+
+    def run(name, seed, init, stage1, stage2):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "all_results.json").write_text(json.dumps({"validation_stage1_text_weighted_f1": stage1,
+                                                             "validation_stage2_text_weighted_f1": stage2}))
+        (folder / "run_config.yaml").write_text(f"seed: {seed}\ntext_encoder_init: {init or 'null'}\n")
+        return str(folder)
+
+    without = [run("a1", 1, None, 0.50, 0.55), run("a2", 2, None, 0.52, 0.57)]
+    with_ = [run("b1", 1, "s0/best", 0.51, 0.54), run("b2", 2, "s0/best", 0.55, 0.58)]
+    recorded = {}
+    monkeypatch.setattr(bench_stage0, "record", lambda name, figures, notes="": recorded.update(figures))
+    bench_stage0.main(["--without", ",".join(without), "--with", ",".join(with_)])
+    assert recorded["difference/stage1_paired"] == [1.0, 3.0] and recorded["difference/stage2_mean"] == 0.0
+    assert recorded["with_stage0/stage1_mean"] == 53.0 and recorded["without_stage0/seeds"] == [1, 2]
+    with pytest.raises(SystemExit, match="same seeds"):
+        bench_stage0.main(["--without", ",".join(without), "--with", ",".join(with_[::-1])])
+    with pytest.raises(SystemExit, match="must not use text_encoder_init"):
+        bench_stage0.main(["--without", ",".join(with_), "--with", ",".join(with_)])
