@@ -49,6 +49,10 @@ BACKBONES = {
         max_position_embeddings=512, type_vocab_size=2, pad_token_id=0,
     ),
     "microsoft/wavlm-base-plus": lambda: WavLMConfig(),  # the defaults are WavLM-base(-plus): 12 x 768
+    "openai/whisper-base": lambda: WhisperConfig(
+        vocab_size=51865, num_mel_bins=80, d_model=512, encoder_layers=6, encoder_attention_heads=8,
+        decoder_layers=6, decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048,
+    ),
     "openai/whisper-large-v3": lambda: WhisperConfig(
         vocab_size=51866, num_mel_bins=128, d_model=1280, encoder_layers=32, encoder_attention_heads=20,
         decoder_layers=32, decoder_attention_heads=20, encoder_ffn_dim=5120, decoder_ffn_dim=5120,
