@@ -168,15 +168,19 @@ def task_emodb(args) -> dict:
     encoder = WhisperModel.from_pretrained("openai/whisper-base").get_encoder().eval()
     extractor = WhisperFeatureExtractor.from_pretrained("openai/whisper-base")
     waves, labels, speakers = emodb_data()
-    cache = Path(args.cache) / "emodb_whisper_base_own_frames.npy"
-    if cache.is_file():
-        layers = np.load(cache)
-        figures["emodb/own_frames_cpu_seconds"] = "cached"
-    else:
-        layers, seconds = whisper_pooled(encoder, extractor, waves, own=True)
+    def pooled(tag: str, own: bool) -> np.ndarray:
+        """Every clip's pooled layers, cached in --cache (the CPU seconds, or "cached", go into the figures)."""
+        cache = Path(args.cache) / f"emodb_whisper_base_{tag}.npy"
+        if cache.is_file():
+            figures[f"emodb/{tag}_cpu_seconds"] = "cached"
+            return np.load(cache)
+        vectors, seconds = whisper_pooled(encoder, extractor, waves, own=own)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        np.save(cache, layers)
-        figures["emodb/own_frames_cpu_seconds"] = round(seconds, 1)
+        np.save(cache, vectors)
+        figures[f"emodb/{tag}_cpu_seconds"] = round(seconds, 1)
+        return vectors
+
+    layers = pooled("own_frames", own=True)
     figures["emodb/clips"] = len(waves)
     figures["emodb/speakers"] = len(set(speakers.tolist()))
     figures["emodb/mean_clip_seconds"] = round(float(np.mean([len(w) for w in waves])) / 16000, 2)
@@ -190,14 +194,7 @@ def task_emodb(args) -> dict:
     figures["emodb/ours_minus_probe_weighted_f1"] = round(test["weighted_f1"] - probe["weighted_f1"], 4)
 
     if args.padded_probe:  # the same probe and head on the 30 s-padded encoder's vectors of every clip
-        padded_cache = Path(args.cache) / "emodb_whisper_base_padded.npy"
-        if padded_cache.is_file():
-            padded_layers = np.load(padded_cache)
-            figures["emodb/padded_cpu_seconds"] = "cached"
-        else:
-            padded_layers, seconds = whisper_pooled(encoder, extractor, waves, own=False)
-            np.save(padded_cache, padded_layers)
-            figures["emodb/padded_cpu_seconds"] = round(seconds, 1)
+        padded_layers = pooled("padded", own=False)
         probe_padded, chosen_padded = loso_probe(padded_layers.reshape(len(padded_layers), -1), labels, speakers)
         figures.update({f"emodb/probe_padded/{k}": round(v, 4) for k, v in probe_padded.items()})
         figures["emodb/probe_padded/C_per_fold"] = chosen_padded
