@@ -68,6 +68,13 @@ _ARCHITECTURE_DEFAULTS = {
 }
 
 
+def speech_backbone_layers(config) -> int:
+    """How many hidden states a speech backbone returns: the embedding output plus one per (encoder) layer."""
+    if getattr(config, "is_encoder_decoder", False):  # Whisper: the encoder only
+        return config.encoder_layers + 1
+    return config.num_hidden_layers + 1
+
+
 def _backbone_hidden_size(config):
     """Width of a backbone's hidden states (`hidden_size`, or `d_model` for Whisper-like models)."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -143,7 +150,11 @@ class MeritsConfig(PretrainedConfig):
             encoders. Derived when the modality has an encoder; a conflicting value raises.
         audio_feature_dim (`int`, *optional*): size F of precomputed speech-head inputs (`audio_features` [.., F]).
         audio_feature_layers (`int`, *optional*): K when `audio_features` is a layer stack [.., K, F] (CARE, §2.3);
-            the head mixes the K layers with softmax-normalised learned weights.
+            the head mixes the K layers with softmax-normalised learned weights (`speech_layer_combination`).
+        speech_layer_combination (`str`): how the head combines the K pooled layers of a backbone or a layer stack:
+            "weighted_sum" (default; the CARE head of §2.3: softmax-normalised learned layer weights, [K, F] -> F) or
+            "concat" (the layers side by side, [K, F] -> K*F, as a linear probe reads them: the head's first Linear
+            learns its own weight for every layer and feature).
         standardize_speech_layers (`bool`): standardise each layer's time-pooled vector with a training-set mean and
             std before the layer mix (buffers `layer_mean` / `layer_std` [K, F] of the speech encoder, saved with the
             weights; set by train.py from the training utterances). For a frozen backbone (e.g. the Whisper encoder)
@@ -162,7 +173,8 @@ class MeritsConfig(PretrainedConfig):
             mister-e: True (the official `get_features` returns `fc(feat)`, §4.2); merits-l: False.
         text_head_dropout (`float`): dropout before the text classifier.
         speech_head_hidden_sizes (`list[int]`): hidden sizes of the speech head; the last one is the speech
-            utterance embedding (merits-l [768, 256] §2.3; mister-e [2048]).
+            utterance embedding (merits-l [768, 256] §2.3; mister-e [2048]). `[]`: no hidden layer, the classifier
+            reads the pooled (standardised, combined) vector, which is also the embedding (a linear probe).
         speech_head_activation (`str`, *optional*): None (the CARE head has no nonlinearity), "relu", "gelu", "tanh".
         speech_head_dropout (`float`): dropout after each hidden layer of the speech head.
         speech_head_input_dropout (`float`): dropout on the speech head's input vector (0: the papers' heads; a
@@ -218,6 +230,7 @@ class MeritsConfig(PretrainedConfig):
         audio_feature_dim=None,
         audio_feature_layers=None,
         standardize_speech_layers=False,
+        speech_layer_combination="weighted_sum",
         stage=None,
         causal=False,
         experts=None,
@@ -299,9 +312,10 @@ class MeritsConfig(PretrainedConfig):
         self.audio_feature_dim = audio_feature_dim
         self.audio_feature_layers = audio_feature_layers
         self.standardize_speech_layers = bool(standardize_speech_layers)
+        if speech_layer_combination not in ("weighted_sum", "concat"):
+            raise ValueError(f"`speech_layer_combination` must be 'weighted_sum' or 'concat', got {speech_layer_combination!r}.")
+        self.speech_layer_combination = speech_layer_combination
         self.speech_head_hidden_sizes = [int(h) for h in pick(speech_head_hidden_sizes, "speech_head_hidden_sizes")]
-        if not self.speech_head_hidden_sizes:
-            raise ValueError("`speech_head_hidden_sizes` needs at least one size (the speech embedding size).")
         self.speech_head_activation = pick(speech_head_activation, "speech_head_activation", unset="default")
         if self.speech_head_activation not in ACTIVATIONS:
             raise ValueError(
@@ -481,7 +495,7 @@ class MeritsConfig(PretrainedConfig):
                              "(`audio_feature_layers`).")
         if self.audio_config is None and self.audio_feature_dim is None:
             return None if audio_embed_dim is None else int(audio_embed_dim)
-        derived = self.speech_head_hidden_sizes[-1]
+        derived = self.speech_head_hidden_sizes[-1] if self.speech_head_hidden_sizes else self.speech_head_input_size()
         if audio_embed_dim is not None and int(audio_embed_dim) != derived:
             raise ValueError(
                 f"audio_embed_dim={audio_embed_dim} conflicts with the speech head, whose utterance embeddings are "
@@ -489,6 +503,15 @@ class MeritsConfig(PretrainedConfig):
                 "when audio_config or audio_feature_dim is given."
             )
         return derived
+
+    def speech_head_input_size(self) -> int:
+        """Width of the vector the speech head reads: the backbone's (or `audio_feature_dim`), times the number of
+        layers with `speech_layer_combination="concat"`."""
+        if self.audio_config is not None:
+            width, layers = _backbone_hidden_size(self.audio_config), speech_backbone_layers(self.audio_config)
+        else:
+            width, layers = self.audio_feature_dim, self.audio_feature_layers
+        return width * layers if layers is not None and self.speech_layer_combination == "concat" else width
 
     def to_dict(self):
         output = super().to_dict()

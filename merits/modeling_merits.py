@@ -32,7 +32,7 @@ from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .whisper_encoder_merits import is_whisper_encoder, whisper_encoder_own_frames
-from .configuration_merits import EXPERTS, MeritsConfig, _backbone_hidden_size
+from .configuration_merits import EXPERTS, MeritsConfig, _backbone_hidden_size, speech_backbone_layers
 
 
 try:  # transformers >= 5: init functions that respect already-loaded weights
@@ -447,7 +447,8 @@ def _masked_time_mean(hidden, frame_mask):
 class MeritsSpeechEncoder(nn.Module):
     """Speech utterance encoder: a frozen speech backbone (wav2vec2 / HuBERT / WavLM `input_values`, or the Whisper
     encoder `input_features`) with softmax-normalised learned weights over all its hidden states and a masked mean over
-    time; or precomputed `audio_features` [N, F] / [N, K, F] (K layers mixed the same way). Then the light head of §2.3
+    time; or precomputed `audio_features` [N, F] / [N, K, F] (K layers mixed the same way; with
+    `speech_layer_combination="concat"` the K layers are concatenated instead, K*F wide). Then the light head of §2.3
     (Linear -> [activation] -> Dropout per hidden size; the last hidden is the utterance embedding) and a classifier.
 
     `forward(...) -> (embeds [N, D_audio], logits [N, C])`.
@@ -466,26 +467,28 @@ class MeritsSpeechEncoder(nn.Module):
             backbone = AutoModel.from_config(config.audio_config)
             if getattr(config.audio_config, "is_encoder_decoder", False):
                 backbone = backbone.get_encoder()  # Whisper: the encoder only
-                num_states = config.audio_config.encoder_layers + 1
-            else:
-                num_states = config.audio_config.num_hidden_layers + 1
+            num_states = speech_backbone_layers(config.audio_config)
             self.backbone = backbone
             self.backbone.requires_grad_(False)
             self.backbone.eval()
             batch_friendly(self.backbone)
-            self.layer_weights = nn.Parameter(torch.zeros(num_states))
             input_size = _backbone_hidden_size(config.audio_config)
         else:
             input_size = config.audio_feature_dim
             num_states = config.audio_feature_layers
-            if num_states is not None:
-                self.layer_weights = nn.Parameter(torch.zeros(num_states))
+        # K pooled layers -> one vector: learned softmax weights (CARE, the default) or side by side ("concat")
+        self.num_layers = num_states
+        self.concat_layers = num_states is not None and getattr(config, "speech_layer_combination", "weighted_sum") == "concat"
+        if num_states is not None and not self.concat_layers:
+            self.layer_weights = nn.Parameter(torch.zeros(num_states))
         if getattr(config, "standardize_speech_layers", False):
             # each layer's pooled vector standardised before the mix, with training-set statistics (set_layer_statistics)
             self.register_buffer("layer_mean", torch.zeros(num_states, input_size))
             self.register_buffer("layer_std", torch.ones(num_states, input_size))
         else:
             self.layer_mean = self.layer_std = None
+        if self.concat_layers:
+            input_size = num_states * input_size
         layers = [MeritsDropout(config.speech_head_input_dropout)] if config.speech_head_input_dropout > 0 else []
         for index, hidden_size in enumerate(config.speech_head_hidden_sizes):
             if index > 0:
@@ -497,7 +500,8 @@ class MeritsSpeechEncoder(nn.Module):
         # with `utterance_embed_before_activation` the last activation moves out of the head: the embedding is the last
         # Linear's output (the official MiSTER-E export), the classifier reads its activation (no parameter moves)
         self.embed_activation = None
-        if config.utterance_embed_before_activation and config.speech_head_activation is not None:
+        if (config.utterance_embed_before_activation and config.speech_head_activation is not None
+                and config.speech_head_hidden_sizes):
             self.embed_activation = layers.pop()
         self.head = nn.Sequential(*layers)  # [Dropout] -> Linear -> [act] (-> Dropout -> Linear -> [act])*; output = embedding
         self.dropout = MeritsDropout(config.speech_head_dropout)
@@ -510,7 +514,10 @@ class MeritsSpeechEncoder(nn.Module):
         return self
 
     def mix_layers(self, stacked):
-        """Weighted sum over the layer axis (dim 0 of `stacked` [K, ...]) with softmax-normalised weights."""
+        """Weighted sum over the layer axis (dim 0 of `stacked` [K, ...]) with softmax-normalised weights; with
+        `speech_layer_combination="concat"`, the K layers side by side instead ([K, N, F] -> [N, K*F])."""
+        if self.concat_layers:
+            return stacked.movedim(0, -2).flatten(-2)
         weights = torch.softmax(self.layer_weights, dim=0).to(stacked.dtype)
         return torch.einsum("k,k...->...", weights, stacked)
 
@@ -601,7 +608,7 @@ class MeritsSpeechEncoder(nn.Module):
                     f"{tuple(audio_features.shape[1:])}."
                 )
             pooled = audio_features
-            if self.layer_weights is not None:
+            if self.num_layers is not None:
                 pooled = self.standardize_and_mix(audio_features.transpose(0, 1))
         embeds = self.head(pooled)
         hidden = self.embed_activation(embeds) if self.embed_activation is not None else embeds
@@ -1375,8 +1382,9 @@ class MeritsPreTrainedModel(PreTrainedModel):
                     init.xavier_uniform_(param)
                 else:
                     init.zeros_(param)
-        elif isinstance(module, MeritsSpeechEncoder) and module.layer_weights is not None:
-            init.zeros_(module.layer_weights)
+        elif isinstance(module, MeritsSpeechEncoder) and module.num_layers is not None:
+            if module.layer_weights is not None:
+                init.zeros_(module.layer_weights)
             if module.layer_mean is not None:
                 init.zeros_(module.layer_mean)
                 init.ones_(module.layer_std)

@@ -337,10 +337,12 @@ def test_train_py_help_prints_usage_and_exits_0(flag):
     assert "error" not in done.stderr
 
 
-def test_speaker_folds_on_a_frozen_whisper_encoder(tmp_path):
+@pytest.mark.parametrize("head", ["concat", "weighted_sum"])
+def test_speaker_folds_on_a_frozen_whisper_encoder(tmp_path, head):
     """emodb_whisper_cpu.yaml's route with a tiny random Whisper: the backbone's pooled layers are computed once, the
-    head (per-layer standardisation + learned layer weights) is trained per fold on them, and best/ is the whole model
-    (encoder + head) reading raw audio: `merits evaluate` on it scores the corpus as the trained head did."""
+    head (per-layer standardisation + the layers side by side, or learned layer weights) is trained per fold on them,
+    and best/ is the whole model (encoder + head) reading raw audio: `merits evaluate` on it scores the corpus as the
+    trained head did. `head` keeps one of the config's two candidates."""
     from transformers import WhisperFeatureExtractor, WhisperModel
 
     from merits.cli import main as cli_main
@@ -358,6 +360,9 @@ def test_speaker_folds_on_a_frozen_whisper_encoder(tmp_path):
     argv = ["--config", str(REPO / "configs" / "emodb_whisper_cpu.yaml"), "--dataset", "folder", "--data_dir", str(data),
             "--audio_model_name_or_path", str(backbone), "--output_dir", str(out), "--utterance.num_epochs", "6",
             "--utterance.batch_size", "8"]
+    candidate = {"concat": {}, "weighted_sum": {"model.speech_layer_combination": "weighted_sum",
+                                                "model.speech_head_hidden_sizes": [8]}}[head]
+    argv += ["--fold_candidates", json.dumps([candidate])]
     results = main(argv)
     assert results["speaker_folds"] == 4 and 1 <= results["final_epochs"] <= 6
     assert 0.0 <= results["loso_stage1_audio_weighted_f1"] <= 1.0
@@ -369,7 +374,11 @@ def test_speaker_folds_on_a_frozen_whisper_encoder(tmp_path):
     assert encoder.backbone is not None and encoder.layer_mean.shape == (3, 16)
     layers = np.load(cached[0])
     assert np.allclose(encoder.layer_mean.numpy(), layers.mean(0), atol=1e-5)  # standardised on every speaker
-    assert not torch.allclose(encoder.layer_weights, torch.zeros(3))  # learned
+    assert best.config.speech_layer_combination == head
+    if head == "concat":  # 3 layers x 16 side by side, read by the classifier directly
+        assert encoder.layer_weights is None and encoder.classifier.in_features == 48
+    else:
+        assert not torch.allclose(encoder.layer_weights, torch.zeros(3))  # learned
 
     import contextlib
     import io

@@ -107,6 +107,43 @@ def test_whisper_and_stage0_configs_name_real_hub_ids():
     assert stage0["model"]["text_pooling"] == meld["model"]["text_pooling"]
 
 
+def test_concatenated_layers_feed_the_head_side_by_side(tmp_path):
+    """speech_layer_combination="concat": the standardised layers side by side ([K, F] -> K*F) feed the head's first
+    Linear, no layer weights; the same as the head on the flattened stack; saved and reloaded with the model."""
+    from merits import MeritsConfig, MeritsForConversationClassification
+    from merits.modeling_merits import MeritsSpeechEncoder
+
+    torch.manual_seed(0)
+    config = MeritsConfig(architecture="merits-l", modalities=["audio"], audio_feature_dim=5, audio_feature_layers=3,
+                          id2label={0: "a", 1: "b"}, speech_head_hidden_sizes=[4], standardize_speech_layers=True,
+                          speech_layer_combination="concat")
+    encoder = MeritsSpeechEncoder(config).eval()
+    assert encoder.layer_weights is None and encoder.head[0].in_features == 15
+    x = torch.randn(6, 3, 5) * 4 + 2
+    mean, std = x.mean(0), x.std(0)
+    encoder.set_layer_statistics(mean, std)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(audio_features=x)[0], encoder.head(((x - mean) / std).flatten(1)))
+    with pytest.raises(ValueError, match="speech_layer_combination"):
+        MeritsConfig(architecture="merits-l", audio_feature_dim=5, audio_feature_layers=3, id2label={0: "a", 1: "b"},
+                     speech_layer_combination="sum")
+    # no hidden layer: the classifier reads the 15-d vector, which is also the embedding (a linear probe)
+    probe = MeritsSpeechEncoder(MeritsConfig(
+        architecture="merits-l", modalities=["audio"], audio_feature_dim=5, audio_feature_layers=3, id2label={0: "a", 1: "b"},
+        speech_head_hidden_sizes=[], standardize_speech_layers=True, speech_layer_combination="concat")).eval()
+    assert probe.config.audio_embed_dim == 15 and probe.classifier.in_features == 15
+    probe.set_layer_statistics(mean, std)
+    with torch.no_grad():
+        torch.testing.assert_close(probe(audio_features=x)[0], ((x - mean) / std).flatten(1))
+    model = MeritsForConversationClassification(config)
+    model.speech_encoder.set_layer_statistics(mean, std)
+    model.save_pretrained(tmp_path)
+    again = MeritsForConversationClassification.from_pretrained(tmp_path)
+    assert again.config.speech_layer_combination == "concat" and again.speech_encoder.layer_weights is None
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[name], value)
+
+
 def test_layer_standardisation_is_applied_before_the_mix():
     """standardize_speech_layers: (x - mean) / std per layer, then the softmax mix, then the head; saved with the model."""
     from merits import MeritsConfig
