@@ -368,6 +368,15 @@ def test_speaker_folds_on_a_frozen_whisper_encoder(tmp_path, head):
     assert 0.0 <= results["loso_stage1_audio_weighted_f1"] <= 1.0
     cached = list((out / "cache").glob("backbone_layers_*.npy"))
     assert len(cached) == 1 and np.load(cached[0]).shape == (32, 3, 16)  # 32 clips, 2 layers + embeddings, d_model 16
+    # each refit trains its candidate's median best epoch count on training + validation speakers and keeps the LAST
+    # epoch (scored on its own training data, the first epoch to fit it would otherwise stay selected)
+    records = json.loads((out / "fold_records.json").read_text())
+    refits = sorted((out / "folds").glob("candidate*/speaker_*/refit/fold_predictions.json"))
+    assert len(refits) == 4
+    for refit in refits:
+        candidate = int(refit.parts[-4].removeprefix("candidate"))
+        epochs = max(1, int(round(float(np.median([r["best_epoch"] for r in records[candidate]])))))
+        assert json.loads(refit.read_text())["best_epoch"] == epochs, refit
 
     best = MeritsForConversationClassification.from_pretrained(out / "best")
     encoder = best.speech_encoder

@@ -490,6 +490,30 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     assert max((whole[k] - smaller[k]).abs().max().item() for k in whole) > 1e-3
 
 
+@pytest.mark.parametrize("keep_last_epoch", [False, True])
+def test_keep_last_epoch_ends_with_the_last_epoch(tmp_path, keep_last_epoch):
+    """StagePlan.keep_last_epoch (speaker-fold refits and final fits, which score themselves on their training data):
+    the stage keeps the last epoch's weights even when an earlier epoch scored as well; otherwise the first best
+    epoch stays selected. With a zero learning rate every epoch scores the same."""
+    from merits.data import FeatureCollator
+    from merits.modeling_merits import MeritsForConversationClassification
+    from merits.training.arguments import StageArguments
+    from merits.training.loop import Head, StagePlan, run_stage
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _tiny import tiny_merits_config
+
+    torch.manual_seed(0)
+    model = MeritsForConversationClassification(tiny_merits_config("merits-l"))
+    plan = StagePlan("context", "stage2", [Head("text", "context_text_logits", "text_mask", ("text_context",))],
+                     _equal_length_items(), _equal_length_items(), None, FeatureCollator(),
+                     StageArguments(num_epochs=3, learning_rate=0.0, batch_size=4), ["neutral", "happy", "sad"],
+                     keep_last_epoch=keep_last_epoch)
+    run_args = parse_args(["--report_to", "none", "--seed", "0"], default_config=None)
+    results, _ = run_stage(model, plan, run_args, tmp_path / "run", progress=False)
+    assert results["stage2_text_best_epoch"] == (3 if keep_last_epoch else 1)
+
+
 @pytest.mark.slow  # among the costliest of the quick loop (issue 20: --durations on 2 shared cores)
 def test_bf16_option_runs(features, tmp_path):
     # its own process: Accelerate's state (and so the mixed precision) is fixed once per process

@@ -85,6 +85,10 @@ class StagePlan:
     # betas, eps, warm-up and gradient clipping (stage I: the text encoder and the speech head as separate models);
     # None = one group with `arguments`
     param_groups: Callable | None = None
+    # no model selection: every epoch replaces the kept weights, so the stage ends with the last epoch's (a refit on
+    # training + validation data for a chosen number of epochs scores itself on its training data, where the first
+    # epoch to fit it perfectly would otherwise stay selected)
+    keep_last_epoch: bool = False
 
 
 class EpochShuffleSampler(Sampler):
@@ -642,7 +646,7 @@ def run_stage(model: torch.nn.Module, plan: StagePlan, run_args, run_dir: Path, 
             wf1 = scores[head.key]["weighted_f1"]
             entry[f"validation_{head.key or 'final'}_weighted_f1"] = wf1
             accelerator.log({f"{plan.tag}/validation_{head.key or 'final'}_weighted_f1": wf1}, step=state.global_step)
-            if head.modules and wf1 > state.best.get(head.key, -1.0):
+            if head.modules and (plan.keep_last_epoch or wf1 > state.best.get(head.key, -1.0)):
                 state.best[head.key] = wf1
                 state.best_epoch[head.key] = state.epoch
                 state.best_metrics[head.key] = scores[head.key]

@@ -186,7 +186,7 @@ def run_speaker_folds(args: TrainingArguments, output_dir: Path, state) -> dict:
     columns = ["dialogue_id", "turn", "label", "audio_features"]
     heads = heads_for("utterance", architecture, False, True)
 
-    def train_fold(cargs, train_rows, validation_rows, test_rows, fold_dir: Path) -> dict:
+    def train_fold(cargs, train_rows, validation_rows, test_rows, fold_dir: Path, refit: bool = False) -> dict:
         fold_mean, fold_std, column = fold_inputs(train_rows)
         fold = plain.add_column("audio_features", column)
         items = {name: utterance_items(fold.select(np.flatnonzero(rows)), columns)
@@ -194,7 +194,7 @@ def run_speaker_folds(args: TrainingArguments, output_dir: Path, state) -> dict:
         set_seed(cargs.seed)
         model = head_model(cargs, fold_mean, fold_std)
         plan = StagePlan("utterance", "stage1", heads, items["train"], items["validation"], items["test"],
-                         FeatureCollator(), cargs.utterance, label_names)
+                         FeatureCollator(), cargs.utterance, label_names, keep_last_epoch=refit)
         return _fold_record(model, plan, cargs, fold_dir)
 
     candidates = list(args.fold_candidates or [{}])
@@ -234,7 +234,7 @@ def run_speaker_folds(args: TrainingArguments, output_dir: Path, state) -> dict:
             test_rows = speakers == distinct[i]
             fold_dir = output_dir / "folds" / f"candidate{c}" / f"speaker_{distinct[i]}" / "refit"
             # no speaker is left for validation: the training rows stand in (as for the final model below)
-            test_records.append(train_fold(refit_args, ~test_rows, ~test_rows, test_rows, fold_dir))
+            test_records.append(train_fold(refit_args, ~test_rows, ~test_rows, test_rows, fold_dir, refit=True))
     predictions = {}
     for split in ("validation", "test"):
         chosen = [records[c][i] for i, c in enumerate(chosen_per_fold)] if split == "validation" else test_records
@@ -255,9 +255,9 @@ def run_speaker_folds(args: TrainingArguments, output_dir: Path, state) -> dict:
     everything_items = utterance_items(plain.add_column("audio_features", column) if not acoustic else full, columns)
     set_seed(final_args.seed)
     model = head_model(final_args, all_mean, all_std)
-    # no speaker is left for validation: the training data stands in, so the selected epoch is (nearly always) the last
+    # no speaker is left for validation: the training data stands in for the scores, and the last epoch is kept
     plan = StagePlan("utterance", "stage1", heads, everything_items, everything_items, None, FeatureCollator(),
-                     final_args.utterance, label_names)
+                     final_args.utterance, label_names, keep_last_epoch=True)
     fit, _ = run_stage(model, plan, final_args, output_dir / "final")
     if not acoustic:  # the trained head (layer weights, standardisation, head, classifier) onto the backbone
         # built with the selected candidate's settings: its head may differ from the base config's (sizes, activation)
