@@ -478,7 +478,7 @@ class MeritsSpeechEncoder(nn.Module):
             num_states = config.audio_feature_layers
         # K pooled layers -> one vector: learned softmax weights (CARE, the default) or side by side ("concat")
         self.num_layers = num_states
-        self.concat_layers = num_states is not None and getattr(config, "speech_layer_combination", "weighted_sum") == "concat"
+        self.concat_layers = num_states is not None and config.speech_layer_combination == "concat"
         if num_states is not None and not self.concat_layers:
             self.layer_weights = nn.Parameter(torch.zeros(num_states))
         if getattr(config, "standardize_speech_layers", False):
@@ -487,8 +487,7 @@ class MeritsSpeechEncoder(nn.Module):
             self.register_buffer("layer_std", torch.ones(num_states, input_size))
         else:
             self.layer_mean = self.layer_std = None
-        if self.concat_layers:
-            input_size = num_states * input_size
+        input_size = config.speech_head_input_size()  # K * F with "concat"
         layers = [MeritsDropout(config.speech_head_input_dropout)] if config.speech_head_input_dropout > 0 else []
         for index, hidden_size in enumerate(config.speech_head_hidden_sizes):
             if index > 0:

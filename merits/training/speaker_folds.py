@@ -260,9 +260,9 @@ def run_speaker_folds(args: TrainingArguments, output_dir: Path, state) -> dict:
                      final_args.utterance, label_names, keep_last_epoch=True)
     fit, _ = run_stage(model, plan, final_args, output_dir / "final")
     if not acoustic:  # the trained head (layer weights, standardisation, head, classifier) onto the backbone
-        # built with the selected candidate's settings: its head may differ from the base config's (sizes, activation)
-        set_seed(final_args.seed)
-        backbone_model = build_model(final_args, architecture, label_names, use_text=False, use_audio=True)
+        if final_args.model != args.model:  # the selected candidate's head differs from the base config's (sizes, activation)
+            set_seed(final_args.seed)
+            backbone_model = build_model(final_args, architecture, label_names, use_text=False, use_audio=True)
         missing, unexpected = backbone_model.load_state_dict(model.state_dict(), strict=False)
         missing = [k for k in missing if not k.startswith("speech_encoder.backbone.")]
         if missing or unexpected:
