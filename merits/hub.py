@@ -6,7 +6,9 @@ A folder written by :func:`save_hub_folder` holds:
 - ``config.json``: ``model_type`` ``"merits"``, ``auto_map`` for AutoConfig, AutoModel and AutoProcessor, and a
   ``custom_pipelines`` entry for the task ``"conversation-emotion-recognition"``;
 - ``model.safetensors``;
-- the remote code: ``configuration_merits.py``, ``modeling_merits.py``, ``processing_merits.py``,
+- the remote code, ``HUB_CODE_FILES``: ``configuration_merits.py``, ``modeling_merits.py`` and the model files it
+  imports (``common_merits.py``, ``losses_merits.py``, ``whisper_encoder_merits.py``,
+  ``utterance_encoders_merits.py``, ``context_merits.py``, ``fusion_merits.py``), ``processing_merits.py``,
   ``feature_extraction_merits.py``, ``pipeline_merits.py`` (flat, relative imports, importing only torch,
   transformers and numpy; checked here);
 - the tokenizer files, ``preprocessor_config.json`` (feature extractor), ``processor_config.json``;
@@ -37,7 +39,12 @@ from ._registration import PIPELINE_TASK  # importing it registers the classes w
 # The remote-code files every Hub folder carries, in the order they depend on each other.
 HUB_CODE_FILES = (
     "configuration_merits.py",
+    "common_merits.py",
+    "losses_merits.py",
     "whisper_encoder_merits.py",
+    "utterance_encoders_merits.py",
+    "context_merits.py",
+    "fusion_merits.py",
     "modeling_merits.py",
     "feature_extraction_merits.py",
     "processing_merits.py",
