@@ -854,3 +854,32 @@ def test_batch_friendly_speech_backbone_gives_the_same_states_and_survives_deepc
     # the model applies it to its speech backbone
     model = MeritsForConversationClassification(MeritsConfig(architecture="merits-l", audio_config=config, id2label={0: "a", 1: "b"}))
     assert "forward" in vars(model.speech_encoder.backbone.feature_extractor)
+
+
+def test_modeling_merits_still_exports_every_name_of_the_split_files():
+    """modeling_merits.py was split by concept into the Hub files below: every name it defined before stays importable
+    from it (tests, the training code and users import them from there), as the very object the new file defines."""
+    import importlib
+
+    from merits import modeling_merits
+
+    homes = {
+        "common_merits": ["MeritsDropout", "MeritsConversationClassifierOutput", "float32_region", "masked_softmax",
+                          "causal_mask", "check_turn_mask", "scatter_turns", "_default_modality_mask",
+                          "_mark_conversation_level", "init"],
+        "losses_merits": ["focal_loss", "supervised_contrastive_loss", "symmetric_kl_loss"],
+        "utterance_encoders_merits": ["MeritsAttentiveStatisticsPooling", "MeritsTextEncoder", "_ACTIVATIONS",
+                                      "_conv_output_length", "masked_group_norm", "_feature_encoder_forward",
+                                      "_self_attention_sequence_first", "batch_friendly", "_masked_time_mean",
+                                      "MeritsSpeechEncoder"],
+        "context_merits": ["MeritsTurnPlan", "_baddbmm_into", "MeritsGRURecurrence", "RECURRENCE_ROUTES",
+                           "resolve_recurrence", "_packed_positions", "run_packed_gru_cudnn", "run_packed_gru",
+                           "MeritsContextEncoder"],
+        "fusion_merits": ["MeritsAttention", "MeritsCoAttentionBlock", "MeritsCoAttentionFusion"],
+    }
+    for module_name, names in homes.items():
+        module = importlib.import_module(f"merits.{module_name}")
+        for name in names:
+            assert getattr(modeling_merits, name) is getattr(module, name), f"{module_name}.{name}"
+    for name in modeling_merits.__all__:
+        assert hasattr(modeling_merits, name), name

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from merits.hub import HUB_CODE_FILES
 from merits.training.arguments import ConfigError, parse_args
 from merits.training.checkpointing import OutputDirError, prepare_output_dir
 from merits.training.stages import DataError, final_results, run_training
@@ -168,7 +169,7 @@ def test_feature_only_training(features, tmp_path, architecture):
             assert 0.0 <= saved[key] <= 1.0, key
         assert saved["validation_weighted_f1"] > 0.5
     best = out / "best"
-    for name in ("config.json", "model.safetensors", "modeling_merits.py", "README.md"):
+    for name in ("config.json", "model.safetensors", "README.md", *HUB_CODE_FILES):  # every remote-code file
         assert (best / name).is_file(), name
     card = (best / "README.md").read_text()
     assert "model-index" in card and "test_weighted_f1" in card
