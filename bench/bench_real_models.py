@@ -10,6 +10,9 @@ Tasks (``--tasks emodb,mosi,meld``):
   pooled layers (``audio_feature_layers``; the mix commutes with the time mean, so this is the head on the frozen
   backbone), epoch chosen on the validation speaker. Also: own frames vs the 30 s-padded encoder on
   ``--padded_clips`` clips (max abs / relative difference of the pooled vectors, CPU-time ratio).
+  ``--probe_speeds 0.9,1.1``: the probe again, its training (and refit) clips added at those speeds
+  (``merits.data.audio.speed_perturb``, what ``audio_speed_perturbation`` does in train.py's speaker folds);
+  validation and test clips as recorded.
 - ``mosi`` / ``meld``: the frozen all-MiniLM-L6-v2 mean-pooled embeddings (raw, and L2-normalised as sentence-transformers
   returns them) + logistic regression, C chosen on dev
   (dev weighted F1; the test splits are not touched).
@@ -103,14 +106,19 @@ def folds(speakers):
         yield test, validation, speakers == test, speakers == validation
 
 
-def loso_probe(x, labels, speakers):
+def loso_probe(x, labels, speakers, extra_views=()):
+    """The probe's LOSO figures; ``extra_views`` ([N, D] each, e.g. speed-perturbed clips) join every fit's
+    training rows, never its validation or test rows."""
+    def fit(C, rows):
+        views = [x[rows]] + [view[rows] for view in extra_views]
+        return logreg(C).fit(np.concatenate(views), np.concatenate([labels[rows]] * len(views)))
+
     preds, gold, chosen = [], [], []
     for _, _, test, validation in folds(speakers):
         train = ~(test | validation)
-        best = max(C_GRID, key=lambda C: scores(labels[validation],
-                                                logreg(C).fit(x[train], labels[train]).predict(x[validation]))["weighted_f1"])
+        best = max(C_GRID, key=lambda C: scores(labels[validation], fit(C, train).predict(x[validation]))["weighted_f1"])
         chosen.append(best)
-        preds += logreg(best).fit(x[train | validation], labels[train | validation]).predict(x[test]).tolist()
+        preds += fit(best, train | validation).predict(x[test]).tolist()
         gold += labels[test].tolist()
     return scores(gold, preds), chosen
 
@@ -168,13 +176,15 @@ def task_emodb(args) -> dict:
     encoder = WhisperModel.from_pretrained("openai/whisper-base").get_encoder().eval()
     extractor = WhisperFeatureExtractor.from_pretrained("openai/whisper-base")
     waves, labels, speakers = emodb_data()
-    def pooled(tag: str, own: bool) -> np.ndarray:
+    def pooled(tag: str, own: bool, speed: float = 1.0) -> np.ndarray:
         """Every clip's pooled layers, cached in --cache (the CPU seconds, or "cached", go into the figures)."""
+        from merits.data.audio import speed_perturb
+
         cache = Path(args.cache) / f"emodb_whisper_base_{tag}.npy"
         if cache.is_file():
             figures[f"emodb/{tag}_cpu_seconds"] = "cached"
             return np.load(cache)
-        vectors, seconds = whisper_pooled(encoder, extractor, waves, own=own)
+        vectors, seconds = whisper_pooled(encoder, extractor, [speed_perturb(w, speed) for w in waves], own=own)
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.save(cache, vectors)
         figures[f"emodb/{tag}_cpu_seconds"] = round(seconds, 1)
@@ -187,6 +197,14 @@ def task_emodb(args) -> dict:
     probe, chosen = loso_probe(layers.reshape(len(layers), -1), labels, speakers)
     figures.update({f"emodb/probe_own_frames/{k}": round(v, 4) for k, v in probe.items()})
     figures["emodb/probe_own_frames/C_per_fold"] = chosen
+    if args.probe_speeds:
+        speeds = [float(v) for v in args.probe_speeds.split(",")]
+        views = [pooled(f"own_frames_speed{v:g}", own=True, speed=v) for v in speeds]
+        probe_sp, chosen_sp = loso_probe(layers.reshape(len(layers), -1), labels, speakers,
+                                         [view.reshape(len(view), -1) for view in views])
+        figures.update({f"emodb/probe_own_frames_speed_perturbed/{k}": round(v, 4) for k, v in probe_sp.items()})
+        figures["emodb/probe_own_frames_speed_perturbed/C_per_fold"] = chosen_sp
+        figures["emodb/probe_own_frames_speed_perturbed/speeds"] = speeds
     test, validation, epochs = loso_head(layers, labels, speakers)
     figures.update({f"emodb/ours_layer_weights_head/{k}": round(v, 4) for k, v in test.items()})
     figures.update({f"emodb/ours_layer_weights_head/validation_{k}": round(v, 4) for k, v in validation.items()})
@@ -290,6 +308,7 @@ def main():
     parser.add_argument("--padded_clips", type=int, default=40, help="clips for the own-frames vs 30 s comparison")
     parser.add_argument("--padded_probe", action="store_true",
                         help="also the probe and the head on 30 s-padded vectors of EVERY clip (~10x the encoder time)")
+    parser.add_argument("--probe_speeds", default="", help="e.g. 0.9,1.1: also the probe with speed-perturbed training clips")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "merits-offline" / "bench"))
     parser.add_argument("--runs", default="", help="NAME=DIR[,NAME=DIR...]: train.py runs to record (module doc)")

@@ -277,3 +277,32 @@ def test_stage0_comparison_pairs_seeds_and_refuses_mixed_arms(tmp_path, monkeypa
         bench_stage0.main(["--without", ",".join(without), "--with", ",".join(with_[::-1])])
     with pytest.raises(SystemExit, match="must not use text_encoder_init"):
         bench_stage0.main(["--without", ",".join(with_), "--with", ",".join(with_)])
+
+
+def test_real_models_probe_adds_extra_views_to_training_rows_only(monkeypatch):
+    """bench_real_models.loso_probe(..., extra_views): a speed-perturbed view joins every fit's training rows (the
+    C search and the refit), never the validation or test rows it predicts."""
+    from bench import bench_real_models
+
+    fits = []
+
+    class Recorder:
+        def fit(self, x, y):
+            fits.append(x.shape[0])
+            self.label = y[0]
+            return self
+
+        def predict(self, x):
+            fits.append(("predict", x.shape[0], bool((x < 0).any())))
+            return np.array([self.label] * len(x))
+
+    monkeypatch.setattr(bench_real_models, "logreg", lambda C: Recorder())
+    speakers = np.repeat(np.array(["a", "b", "c", "d"]), 5)
+    labels = np.tile(np.array(["x", "y", "x", "y", "x"]), 4)
+    x = np.ones((20, 3))
+    bench_real_models.loso_probe(x, labels, speakers, extra_views=[-np.ones((20, 3))])
+    predicted = [f for f in fits if isinstance(f, tuple)]
+    assert predicted and not any(negative for _, _, negative in predicted)  # only the recorded clips are predicted
+    trained = [f for f in fits if not isinstance(f, tuple)]
+    # per fold: 7 C values on 2 training speakers (10 clips x 2 views), then the refit on 3 speakers (15 x 2)
+    assert trained == ([20] * len(bench_real_models.C_GRID) + [30]) * 4

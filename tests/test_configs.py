@@ -337,25 +337,30 @@ def test_train_py_help_prints_usage_and_exits_0(flag):
     assert "error" not in done.stderr
 
 
+def _tiny_whisper_backbone(folder: Path) -> Path:
+    """A tiny random Whisper (80 mel bins, 30 s of positions) saved with its feature extractor."""
+    from transformers import WhisperFeatureExtractor, WhisperModel
+
+    from _tiny import tiny_whisper_config
+
+    torch.manual_seed(0)
+    WhisperModel(tiny_whisper_config(num_mel_bins=80, max_source_positions=1500)).save_pretrained(folder)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.parametrize("head", ["concat", "weighted_sum"])
 def test_speaker_folds_on_a_frozen_whisper_encoder(tmp_path, head):
     """emodb_whisper_cpu.yaml's route with a tiny random Whisper: the backbone's pooled layers are computed once, the
     head (per-layer standardisation + the layers side by side, or learned layer weights) is trained per fold on them,
     and best/ is the whole model (encoder + head) reading raw audio: `merits evaluate` on it scores the corpus as the
     trained head did. `head` keeps one of the config's two candidates."""
-    from transformers import WhisperFeatureExtractor, WhisperModel
-
     from merits.cli import main as cli_main
     from merits.training import main
 
-    from _tiny import tiny_whisper_config
-
     torch.set_num_threads(1)
     data = _synthetic_emotion_folder(tmp_path / "corpus")
-    backbone = tmp_path / "whisper"
-    torch.manual_seed(0)
-    WhisperModel(tiny_whisper_config(num_mel_bins=80, max_source_positions=1500)).save_pretrained(backbone)
-    WhisperFeatureExtractor(feature_size=80).save_pretrained(backbone)
+    backbone = _tiny_whisper_backbone(tmp_path / "whisper")
     out = tmp_path / "out"
     argv = ["--config", str(REPO / "configs" / "emodb_whisper_cpu.yaml"), "--dataset", "folder", "--data_dir", str(data),
             "--audio_model_name_or_path", str(backbone), "--output_dir", str(out), "--utterance.num_epochs", "6",
@@ -366,8 +371,9 @@ def test_speaker_folds_on_a_frozen_whisper_encoder(tmp_path, head):
     results = main(argv)
     assert results["speaker_folds"] == 4 and 1 <= results["final_epochs"] <= 6
     assert 0.0 <= results["loso_stage1_audio_weighted_f1"] <= 1.0
-    cached = list((out / "cache").glob("backbone_layers_*.npy"))
-    assert len(cached) == 1 and np.load(cached[0]).shape == (32, 3, 16)  # 32 clips, 2 layers + embeddings, d_model 16
+    cached = sorted((out / "cache").glob("backbone_layers_*.npy"))  # as recorded, then the config's two speeds
+    assert [p.name.rsplit("_", 1)[-1] for p in cached[1:]] == ["speed0.9.npy", "speed1.1.npy"]
+    assert all(np.load(p).shape == (32, 3, 16) for p in cached)  # 32 clips, 2 layers + embeddings, d_model 16
     # each refit trains its candidate's median best epoch count on training + validation speakers and keeps the LAST
     # epoch (scored on its own training data, the first epoch to fit it would otherwise stay selected)
     records = json.loads((out / "fold_records.json").read_text())
@@ -408,3 +414,53 @@ def test_speaker_folds_on_a_backbone_need_layer_standardisation(tmp_path):
     with pytest.raises(ConfigError, match="standardize_speech_layers"):
         main(["--config", str(REPO / "configs" / "emodb_whisper_cpu.yaml"), "--output_dir", str(tmp_path / "out"),
               "--model.standardize_speech_layers", "false"])
+
+
+def test_speaker_folds_add_speed_perturbed_training_clips(tmp_path, monkeypatch):
+    """`audio_speed_perturbation: [0.9, 1.1]`: the backbone's pooled layers are cached once per speed; every fit
+    (fold, refit, final model) trains on its training clips at the three speeds, while validation and test clips
+    and the layer standardisation stay those of the clips as recorded."""
+    from merits.training import main, speaker_folds
+
+    torch.set_num_threads(1)
+    data = _synthetic_emotion_folder(tmp_path / "corpus")
+    backbone = _tiny_whisper_backbone(tmp_path / "whisper")
+    sizes = []
+    real_run_stage = speaker_folds.run_stage
+
+    def counting_run_stage(model, plan, args, run_dir):
+        sizes.append((Path(run_dir).name, len(plan.train), len(plan.validation), len(plan.test or [])))
+        return real_run_stage(model, plan, args, run_dir)
+
+    monkeypatch.setattr(speaker_folds, "run_stage", counting_run_stage)
+    out = tmp_path / "out"
+    results = main(["--config", str(REPO / "configs" / "emodb_whisper_cpu.yaml"), "--dataset", "folder",
+                    "--data_dir", str(data), "--audio_model_name_or_path", str(backbone), "--output_dir", str(out),
+                    "--utterance.num_epochs", "2", "--utterance.batch_size", "8", "--fold_candidates", "[{}]",
+                    "--audio_speed_perturbation", "[0.9, 1.1]"])
+    assert 0.0 <= results["loso_stage1_audio_weighted_f1"] <= 1.0
+    cached = {p.name.rsplit("_", 1)[-1]: np.load(p) for p in (out / "cache").glob("backbone_layers_*.npy")}
+    assert sorted(cached) == sorted(["speed0.9.npy", "speed1.1.npy", next(k for k in cached if "speed" not in k)])
+    original = next(v for k, v in cached.items() if "speed" not in k)
+    assert all(v.shape == original.shape and not np.allclose(v, original) for v in cached.values() if v is not original)
+    # 4 speakers x 8 clips: a fold trains on 2 speakers (16 clips x 3 speeds), validates and tests on 8 clips each;
+    # a refit trains on 3 speakers, the final model on all 4 (its training clips stand in for validation)
+    folds = [s for s in sizes if s[0].startswith("speaker_")]
+    refits = [s for s in sizes if s[0] == "refit"]
+    assert folds == [(f, 48, 8, 8) for f, *_ in folds] and len(folds) == 4
+    assert refits == [("refit", 72, 24, 8)] * 4
+    assert sizes[-1] == ("final", 96, 32, 0)
+    best = MeritsForConversationClassification.from_pretrained(out / "best")
+    assert np.allclose(best.speech_encoder.layer_mean.numpy(), original.mean(0), atol=1e-5)  # as recorded
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--audio_speed_perturbation", "[1.0]"], "between 0.5 and 2 other than 1"),
+    (["--audio_speed_perturbation", "[0.9, 3]"], "between 0.5 and 2 other than 1"),
+    (["--audio_speed_perturbation", "[0.9]", "--config", str(REPO / "configs" / "emodb_speech_cpu.yaml")],
+     "needs a speech backbone"),
+    (["--audio_speed_perturbation", "[0.9]", "--speaker_folds", "false"], "speaker_folds only"),
+])
+def test_bad_speed_perturbation_is_refused(options, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(["--config", str(REPO / "configs" / "emodb_whisper_cpu.yaml"), *options])

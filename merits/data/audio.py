@@ -29,6 +29,17 @@ def resample(array: np.ndarray, orig_sampling_rate: int, sampling_rate: int = 16
     return soxr.resample(array, orig_sampling_rate, sampling_rate, quality="HQ").astype(np.float32, copy=False)
 
 
+def speed_perturb(array: np.ndarray, speed: float, sampling_rate: int = 16000) -> np.ndarray:
+    """Kaldi-style speed perturbation (Ko et al., 2015): the signal played ``speed`` times as fast, tempo and pitch
+    together, at the same sampling rate (``len / speed`` samples): read as if sampled at ``speed * sampling_rate``
+    and resampled to ``sampling_rate``."""
+    if not speed > 0:
+        raise ValueError(f"speed perturbation needs a positive speed, got {speed}")
+    if speed == 1:
+        return array
+    return soxr.resample(array, speed * sampling_rate, sampling_rate, quality="HQ").astype(np.float32, copy=False)
+
+
 def _to_mono(array: np.ndarray, source: str) -> np.ndarray:
     array = np.asarray(array, dtype=np.float32)
     if array.ndim == 2:

@@ -134,6 +134,9 @@ class TrainingArguments:
     tokenizer_vocab_size: int = 4000  # vocabulary of a tokenizer trained with --train_tokenizer
     max_text_length: int = 128  # tokens per utterance (longer ones are truncated)
     text_encoder_init: Optional[str] = None  # stage 0 output (Hub folder): initialise the text encoder from it
+    # stage I text classifier: "random" or "linear_probe" (LP-FT: a logistic regression on the frozen encoder's features,
+    # C chosen on validation, copied into the head before fine-tuning; merits.training.linear_probe)
+    text_head_init: str = "random"
     use_lora: bool = False  # LoRA (peft) on the text backbone; merged before saving
     lora_r: int = 8  # LoRA rank
     lora_alpha: int = 32  # LoRA scaling numerator
@@ -161,6 +164,10 @@ class TrainingArguments:
     # speakers and test that model (a linear probe refits on both after choosing C); False: test the chosen model itself
     fold_refit: bool = False
     fold_candidates: Optional[list] = None  # settings compared on the folds: mappings of options ({"utterance.learning_rate": 1e-3})
+    # speaker folds on a frozen speech backbone: every training clip is added again at each of these speeds (Kaldi-style
+    # speed perturbation, tempo and pitch together, e.g. [0.9, 1.1]; merits.data.audio.speed_perturb), its pooled
+    # layers computed once per speed and cached. Validation and test clips are never perturbed; null: none
+    audio_speed_perturbation: Optional[list] = None
 
     # --- stages ---
     pretrain: StageArguments = field(
@@ -242,9 +249,22 @@ class TrainingArguments:
                 raise ConfigError(f"{src('speaker_folds', 'audio_model_name_or_path')}: speaker folds on a speech backbone "
                                   "need model.standardize_speech_layers: true (the head's per-layer standardisation must "
                                   "live in the model, which reads raw audio)")
+            if self.audio_speed_perturbation is not None:
+                speeds = self.audio_speed_perturbation
+                if (not isinstance(speeds, (list, tuple)) or not speeds
+                        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.5 <= v <= 2 and v != 1 for v in speeds)):
+                    raise ConfigError(f"{src('audio_speed_perturbation')}: audio_speed_perturbation must be a list of speeds "
+                                      f"between 0.5 and 2 other than 1 (e.g. [0.9, 1.1]), got {speeds!r}")
+                if self.audio_model_name_or_path is None and self.audio_config is None:
+                    raise ConfigError(f"{src('audio_speed_perturbation')}: audio_speed_perturbation needs a speech backbone "
+                                      "(audio_model_name_or_path); the acoustic statistics are computed once per utterance")
             for index, candidate in enumerate(self.fold_candidates or []):
                 if not isinstance(candidate, dict):
                     raise ConfigError(f"{src('fold_candidates')}: fold_candidates[{index}] must be a mapping of options, got {candidate!r}")
+        if self.text_head_init not in ("random", "linear_probe"):
+            raise ConfigError(f"{src('text_head_init')}: text_head_init must be 'random' or 'linear_probe', got {self.text_head_init!r}")
+        if self.audio_speed_perturbation is not None and not self.speaker_folds:
+            raise ConfigError(f"{src('audio_speed_perturbation')}: audio_speed_perturbation is applied by speaker_folds only")
         if self.embedding_batch_size <= 0:
             raise ConfigError(f"{src('embedding_batch_size')}: embedding_batch_size must be positive, got {self.embedding_batch_size}")
         if self.embedding_max_tokens is not None and self.embedding_max_tokens <= 0:

@@ -73,16 +73,21 @@ def _fold_record(model, plan: StagePlan, args: TrainingArguments, fold_dir: Path
 
 
 def backbone_layer_features(dataset, source: str, model, processor, cache_dir: Path, accelerator_state,
-                            backbone_name: str) -> np.ndarray:
+                            backbone_name: str, speed: float = 1.0) -> np.ndarray:
     """Every utterance's hidden states of the frozen speech backbone, each averaged over the utterance's own frames:
-    [N, K, H] (``MeritsSpeechEncoder.pooled_layers``, one utterance at a time, so no padding reaches a clip).
+    [N, K, H] (``MeritsSpeechEncoder.pooled_layers``, one utterance at a time, so no padding reaches a clip), of the
+    clips played at ``speed`` (``speed_perturb``; 1: as recorded).
 
-    Computed once on the main process and cached in ``cache_dir`` under the dataset's fingerprint and the backbone's
-    name; the other processes read the cache."""
+    Computed once on the main process and cached in ``cache_dir`` under the dataset's fingerprint, the backbone's
+    name and the speed; the other processes read the cache."""
+    from ..data.audio import speed_perturb
+
     key = "".join(c if c.isalnum() or c in "-_." else "_" for c in backbone_name)[-80:]
-    cache_file = Path(cache_dir) / f"backbone_layers_{key}_{dataset._fingerprint}.npy"
+    speed_tag = "" if speed == 1 else f"_speed{speed:g}"
+    cache_file = Path(cache_dir) / f"backbone_layers_{key}_{dataset._fingerprint}{speed_tag}.npy"
 
     def pooled_layers(array, where):
+        array = speed_perturb(array, speed)
         batch = processor(conversations=[[{"text": None, "audio": array}]], sampling_rate=16000, return_tensors="pt")
         with torch.inference_mode():
             pooled = model.speech_encoder.pooled_layers(input_values=batch.get("input_values"),
@@ -94,7 +99,8 @@ def backbone_layer_features(dataset, source: str, model, processor, cache_dir: P
         return value
 
     return cached_utterance_features(dataset, cache_file, accelerator_state, pooled_layers, source, "all",
-                                     "speech backbone (frozen) [every utterance]")
+                                     "speech backbone (frozen) [every utterance]"
+                                     + ("" if speed == 1 else f" at speed {speed:g}"))
 
 
 def _head_arguments(args: TrainingArguments, layers: int) -> TrainingArguments:
@@ -163,11 +169,17 @@ def run_speaker_folds(args: TrainingArguments, output_dir: Path, state) -> dict:
         extractor = speech_feature_extractor(args, backbone_model.config.audio_config)
         processor = MeritsProcessor(tokenizer=None, feature_extractor=extractor,
                                     label2id=dict(backbone_model.config.label2id), max_length=args.max_text_length)
-        raw = backbone_layer_features(full, source, backbone_model, processor, cache_dir, state,
-                                      args.audio_model_name_or_path or "audio_config")
+        backbone_name = args.audio_model_name_or_path or "audio_config"
+        raw = backbone_layer_features(full, source, backbone_model, processor, cache_dir, state, backbone_name)
+        # speed-perturbed copies, added to the training rows of every fit (never to validation or test rows)
+        perturbed = [backbone_layer_features(full, source, backbone_model, processor, cache_dir, state, backbone_name,
+                                             speed=float(speed))
+                     for speed in args.audio_speed_perturbation or []]
         plain = full.remove_columns([c for c in ("audio_features",) if c in full.column_names])
         feature_kwargs = dict(audio_feature_dim=raw.shape[2])
     standardize_in_model = not acoustic
+    if acoustic:
+        perturbed = []
 
     def fold_inputs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, list]:
         """(mean, std) of the training rows and the feature column the head reads."""
@@ -186,11 +198,17 @@ def run_speaker_folds(args: TrainingArguments, output_dir: Path, state) -> dict:
     columns = ["dialogue_id", "turn", "label", "audio_features"]
     heads = heads_for("utterance", architecture, False, True)
 
+    def perturbed_items(rows: np.ndarray) -> list:
+        """The speed-perturbed copies of ``rows`` (raw layers: the model standardises them with the fold's statistics)."""
+        return [item for copy in perturbed
+                for item in utterance_items(plain.add_column("audio_features", copy.tolist()).select(np.flatnonzero(rows)), columns)]
+
     def train_fold(cargs, train_rows, validation_rows, test_rows, fold_dir: Path, refit: bool = False) -> dict:
         fold_mean, fold_std, column = fold_inputs(train_rows)
         fold = plain.add_column("audio_features", column)
         items = {name: utterance_items(fold.select(np.flatnonzero(rows)), columns)
                  for name, rows in (("train", train_rows), ("validation", validation_rows), ("test", test_rows))}
+        items["train"] += perturbed_items(train_rows)
         set_seed(cargs.seed)
         model = head_model(cargs, fold_mean, fold_std)
         plan = StagePlan("utterance", "stage1", heads, items["train"], items["validation"], items["test"],
@@ -253,10 +271,11 @@ def run_speaker_folds(args: TrainingArguments, output_dir: Path, state) -> dict:
     every_row = np.ones(len(speakers), dtype=bool)
     all_mean, all_std, column = fold_inputs(every_row)
     everything_items = utterance_items(plain.add_column("audio_features", column) if not acoustic else full, columns)
+    training_items = everything_items + perturbed_items(every_row)
     set_seed(final_args.seed)
     model = head_model(final_args, all_mean, all_std)
     # no speaker is left for validation: the training data stands in for the scores, and the last epoch is kept
-    plan = StagePlan("utterance", "stage1", heads, everything_items, everything_items, None, FeatureCollator(),
+    plan = StagePlan("utterance", "stage1", heads, training_items, everything_items, None, FeatureCollator(),
                      final_args.utterance, label_names, keep_last_epoch=True)
     fit, _ = run_stage(model, plan, final_args, output_dir / "final")
     if not acoustic:  # the trained head (layer weights, standardisation, head, classifier) onto the backbone

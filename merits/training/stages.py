@@ -45,6 +45,7 @@ from ..data.schema import DataFormatError
 from .arguments import TrainingArguments
 from .checkpointing import prepare_output_dir
 from .loop import IGNORE_INDEX, Head, StagePlan, distributed_state, run_stage
+from .linear_probe import init_text_head_from_probe
 
 
 logger = logging.getLogger("merits.training")
@@ -805,6 +806,12 @@ def run_system(args: TrainingArguments, architecture: str, run_dir: Path, corpus
                              stage1_collator, args.stage_arguments(stage), label_names,
                              after_freeze=freeze_lora_base if lora else None,
                              param_groups=stage1_param_groups(args) if stage == "utterance" else None)
+            if stage == "utterance" and use_text and args.text_head_init == "linear_probe":
+                probe = init_text_head_from_probe(model, train_items, items["validation"], stage1_collator, label_names,
+                                                  device=state.device, seed=args.seed)
+                if state.is_main_process:
+                    print(f"[{tag}] text head from a linear probe (C={probe['C']:g}): "
+                          f"val text_weighted_f1={probe['validation_weighted_f1']:.4f}")
             stage_results, stage_predictions = run_stage(model, plan, args, run_dir)
             if lora:
                 merge_lora(model)
