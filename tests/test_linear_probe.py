@@ -101,5 +101,8 @@ def test_train_py_starts_stage1_from_the_probe(tmp_path, capsys, monkeypatch):
     assert len(fitted) == 1
     assert "[stage1] text head from a linear probe (C=" in capsys.readouterr().out
     assert 0.0 <= results["validation_stage1_text_weighted_f1"] <= 1.0
+    # a resumed run loads the finished stage I: no second probe
+    again = stages.run_training(parse_args([*argv, "--text_head_init", "linear_probe", "--resume"]))
+    assert len(fitted) == 1 and again["validation_stage1_text_weighted_f1"] == results["validation_stage1_text_weighted_f1"]
     with pytest.raises(ConfigError, match="text_head_init"):
         parse_args([*argv, "--text_head_init", "probe"])

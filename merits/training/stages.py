@@ -43,7 +43,7 @@ import torch
 from ..data.collate import ConversationCollator, FeatureCollator, RandomAudioCrop, conversation_indices, conversations
 from ..data.schema import DataFormatError
 from .arguments import TrainingArguments
-from .checkpointing import prepare_output_dir
+from .checkpointing import StageCheckpoints, prepare_output_dir
 from .loop import IGNORE_INDEX, Head, StagePlan, distributed_state, run_stage
 from .linear_probe import init_text_head_from_probe
 
@@ -806,7 +806,8 @@ def run_system(args: TrainingArguments, architecture: str, run_dir: Path, corpus
                              stage1_collator, args.stage_arguments(stage), label_names,
                              after_freeze=freeze_lora_base if lora else None,
                              param_groups=stage1_param_groups(args) if stage == "utterance" else None)
-            if stage == "utterance" and use_text and args.text_head_init == "linear_probe":
+            if (stage == "utterance" and use_text and args.text_head_init == "linear_probe"
+                    and not StageCheckpoints(run_dir, tag).is_done()):  # a finished stage I is loaded, not refitted
                 probe = init_text_head_from_probe(model, train_items, items["validation"], stage1_collator, label_names,
                                                   device=state.device, seed=args.seed)
                 if state.is_main_process:
