@@ -22,7 +22,7 @@ class AudioError(ValueError):
     """Audio that cannot be used: missing, corrupt, empty or silent. The message names the file."""
 
 
-def resample(array: np.ndarray, orig_sampling_rate: int, sampling_rate: int = 16000) -> np.ndarray:
+def resample(array: np.ndarray, orig_sampling_rate: float, sampling_rate: int = 16000) -> np.ndarray:
     """Resample a mono float32 signal with soxr (high quality)."""
     if orig_sampling_rate == sampling_rate:
         return array
@@ -35,9 +35,7 @@ def speed_perturb(array: np.ndarray, speed: float, sampling_rate: int = 16000) -
     and resampled to ``sampling_rate``."""
     if not speed > 0:
         raise ValueError(f"speed perturbation needs a positive speed, got {speed}")
-    if speed == 1:
-        return array
-    return soxr.resample(array, speed * sampling_rate, sampling_rate, quality="HQ").astype(np.float32, copy=False)
+    return resample(array, speed * sampling_rate, sampling_rate)
 
 
 def _to_mono(array: np.ndarray, source: str) -> np.ndarray:

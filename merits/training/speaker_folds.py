@@ -153,6 +153,7 @@ def run_speaker_folds(args: TrainingArguments, output_dir: Path, state) -> dict:
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else output_dir / "cache"
     label_names = corpus.label_names
+    perturbed = []  # the layers of speed-perturbed clips (frozen backbone only), added to the training rows of every fit
     if acoustic:
         everything = Corpus(splits={"train": full}, label_names=corpus.label_names, name=corpus.name, has_audio=True)
         extractor = add_acoustic_features(everything, cache_dir, state)  # normalised on every speaker: the final model's
@@ -171,15 +172,12 @@ def run_speaker_folds(args: TrainingArguments, output_dir: Path, state) -> dict:
                                     label2id=dict(backbone_model.config.label2id), max_length=args.max_text_length)
         backbone_name = args.audio_model_name_or_path or "audio_config"
         raw = backbone_layer_features(full, source, backbone_model, processor, cache_dir, state, backbone_name)
-        # speed-perturbed copies, added to the training rows of every fit (never to validation or test rows)
         perturbed = [backbone_layer_features(full, source, backbone_model, processor, cache_dir, state, backbone_name,
                                              speed=float(speed))
                      for speed in args.audio_speed_perturbation or []]
         plain = full.remove_columns([c for c in ("audio_features",) if c in full.column_names])
         feature_kwargs = dict(audio_feature_dim=raw.shape[2])
     standardize_in_model = not acoustic
-    if acoustic:
-        perturbed = []
 
     def fold_inputs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, list]:
         """(mean, std) of the training rows and the feature column the head reads."""
@@ -198,10 +196,12 @@ def run_speaker_folds(args: TrainingArguments, output_dir: Path, state) -> dict:
     columns = ["dialogue_id", "turn", "label", "audio_features"]
     heads = heads_for("utterance", architecture, False, True)
 
+    # built once: every fit selects its training rows from them (raw layers: the model standardises with its fit's statistics)
+    perturbed_sets = [plain.add_column("audio_features", copy.tolist()) for copy in perturbed]
+
     def perturbed_items(rows: np.ndarray) -> list:
-        """The speed-perturbed copies of ``rows`` (raw layers: the model standardises them with the fold's statistics)."""
-        return [item for copy in perturbed
-                for item in utterance_items(plain.add_column("audio_features", copy.tolist()).select(np.flatnonzero(rows)), columns)]
+        """The speed-perturbed copies of ``rows``."""
+        return [item for dataset in perturbed_sets for item in utterance_items(dataset.select(np.flatnonzero(rows)), columns)]
 
     def train_fold(cargs, train_rows, validation_rows, test_rows, fold_dir: Path, refit: bool = False) -> dict:
         fold_mean, fold_std, column = fold_inputs(train_rows)
