@@ -12,10 +12,18 @@ Tasks (``--tasks emodb,mosi,meld``):
   ``--padded_clips`` clips (max abs / relative difference of the pooled vectors, CPU-time ratio).
   ``--probe_speeds 0.9,1.1``: the probe again, its training (and refit) clips added at those speeds
   (``merits.data.audio.speed_perturb``, what ``audio_speed_perturbation`` does in train.py's speaker folds);
-  validation and test clips as recorded.
+  validation and test clips as recorded. ``--probe_std``: the probe on statistics pooling (every layer's mean and
+  standard deviation over the clip's frames, 7 x 1,024).
 - ``mosi`` / ``meld``: the frozen all-MiniLM-L6-v2 mean-pooled embeddings (raw, and L2-normalised as sentence-transformers
   returns them) + logistic regression, C chosen on dev
   (dev weighted F1; the test splits are not touched).
+  ``--context_windows 1,2,4,all``: the same probe on [own embedding, mean of the k previous and k next utterances of
+  the same conversation] (L2-normalised): whether a conversation's neighbouring utterances carry anything a linear
+  reader can use beyond the utterance itself (what stage II's context encoder has to find).
+  ``--write_features DIR``: also writes those frozen embeddings as feature datasets (api.md section 5) for
+  ``train.py --train_features``: ``DIR/{task}_frozen_minilm_{train,validation}.parquet`` with the conversations, and
+  ``..._alone.parquet`` with every utterance a conversation of its own (stage II without any context: the ablation
+  that tells what the context encoder adds over a trained head on the same embeddings).
 
 ``--runs NAME=DIR[,NAME=DIR...]`` records train.py runs made with the real-model configs (each DIR's
 ``all_results.json``: the validation / leave-one-speaker-out figures, under ``NAME/``), e.g.
@@ -68,8 +76,9 @@ def logreg(C: float):
 # ------------------------------------------------------------------------------------------------------- EmoDB
 
 
-def whisper_pooled(encoder, feature_extractor, waves, own: bool = True) -> tuple[np.ndarray, float]:
-    """[N, layers, d] per-layer means over each clip's frames, and the CPU seconds it took."""
+def whisper_pooled(encoder, feature_extractor, waves, own: bool = True, std: bool = False) -> tuple[np.ndarray, float]:
+    """[N, layers, d] per-layer means over each clip's frames (``std``: [N, layers, 2d], means then standard
+    deviations), and the CPU seconds it took."""
     from merits.whisper_encoder_merits import whisper_encoder_own_frames
 
     out = []
@@ -86,7 +95,11 @@ def whisper_pooled(encoder, feature_extractor, waves, own: bool = True) -> tuple
                 frames = states[0].shape[1]
                 mask = feats.attention_mask[:, ::2][:, :frames].bool()
             weights = mask[0].float()[:, None]
-            out.append(torch.stack([(s[0] * weights).sum(0) / weights.sum() for s in states]).numpy())
+            means = torch.stack([(s[0] * weights).sum(0) / weights.sum() for s in states])
+            if std:
+                spread = torch.stack([s[0][mask[0]].std(0) for s in states])
+                means = torch.cat([means, spread], -1)
+            out.append(means.numpy())
     return np.stack(out), time.process_time() - start
 
 
@@ -176,7 +189,7 @@ def task_emodb(args) -> dict:
     encoder = WhisperModel.from_pretrained("openai/whisper-base").get_encoder().eval()
     extractor = WhisperFeatureExtractor.from_pretrained("openai/whisper-base")
     waves, labels, speakers = emodb_data()
-    def pooled(tag: str, own: bool, speed: float = 1.0) -> np.ndarray:
+    def pooled(tag: str, own: bool, speed: float = 1.0, std: bool = False) -> np.ndarray:
         """Every clip's pooled layers, cached in --cache (the CPU seconds, or "cached", go into the figures)."""
         from merits.data.audio import speed_perturb
 
@@ -184,7 +197,7 @@ def task_emodb(args) -> dict:
         if cache.is_file():
             figures[f"emodb/{tag}_cpu_seconds"] = "cached"
             return np.load(cache)
-        vectors, seconds = whisper_pooled(encoder, extractor, [speed_perturb(w, speed) for w in waves], own=own)
+        vectors, seconds = whisper_pooled(encoder, extractor, [speed_perturb(w, speed) for w in waves], own=own, std=std)
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.save(cache, vectors)
         figures[f"emodb/{tag}_cpu_seconds"] = round(seconds, 1)
@@ -205,6 +218,11 @@ def task_emodb(args) -> dict:
         figures.update({f"emodb/probe_own_frames_speed_perturbed/{k}": round(v, 4) for k, v in probe_sp.items()})
         figures["emodb/probe_own_frames_speed_perturbed/C_per_fold"] = chosen_sp
         figures["emodb/probe_own_frames_speed_perturbed/speeds"] = speeds
+    if args.probe_std:  # statistics pooling: every layer's mean AND standard deviation over the clip's frames
+        stats = pooled("own_frames_mean_std", own=True, std=True)
+        probe_std, chosen_std = loso_probe(stats.reshape(len(stats), -1), labels, speakers)
+        figures.update({f"emodb/probe_own_frames_mean_std/{k}": round(v, 4) for k, v in probe_std.items()})
+        figures["emodb/probe_own_frames_mean_std/C_per_fold"] = chosen_std
     test, validation, epochs = loso_head(layers, labels, speakers)
     figures.update({f"emodb/ours_layer_weights_head/{k}": round(v, 4) for k, v in test.items()})
     figures.update({f"emodb/ours_layer_weights_head/validation_{k}": round(v, 4) for k, v in validation.items()})
@@ -278,7 +296,45 @@ def task_text(name: str, args) -> dict:
         best = max(C_GRID, key=lambda C: results[C]["weighted_f1"])
         figures.update({f"{name}/{tag}/dev_weighted_f1": round(results[best]["weighted_f1"], 4),
                         f"{name}/{tag}/dev_accuracy": round(results[best]["accuracy"], 4), f"{name}/{tag}/C": best})
+    if args.write_features:
+        write_feature_datasets(Path(args.write_features), name, {"train": (train, x_train), "validation": (dev, x_dev)})
+    unit = {"train": x_train / np.linalg.norm(x_train, axis=1, keepdims=True),
+            "dev": x_dev / np.linalg.norm(x_dev, axis=1, keepdims=True)}
+    places = {"train": (np.array(train["dialogue_id"]), np.array(train["turn"])),
+              "dev": (np.array(dev["dialogue_id"]), np.array(dev["turn"]))}
+    for window in filter(None, args.context_windows.split(",")):
+        k = None if window == "all" else int(window)
+        a, b = (np.hstack([unit[s], neighbour_mean(unit[s], *places[s], k)]) for s in ("train", "dev"))
+        results = {C: scores(y_dev, logreg(C).fit(a, y_train).predict(b)) for C in C_GRID}
+        best = max(C_GRID, key=lambda C: results[C]["weighted_f1"])
+        tag = f"frozen_minilm_l2_context{window}_logreg"
+        figures.update({f"{name}/{tag}/dev_weighted_f1": round(results[best]["weighted_f1"], 4),
+                        f"{name}/{tag}/dev_accuracy": round(results[best]["accuracy"], 4), f"{name}/{tag}/C": best})
     return figures
+
+
+def write_feature_datasets(folder: Path, name: str, splits: dict) -> None:
+    """Each split's embeddings as a feature dataset (dialogue_id, turn, label, text_embeds), with its conversations
+    and with every utterance alone (``_alone``: dialogue_id ``<dialogue>#<turn>``, turn 0)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, (dataset, x) in splits.items():
+        features = dataset.select_columns(["dialogue_id", "turn", "label"]).add_column("text_embeds", x.tolist())
+        features.to_parquet(str(folder / f"{name}_frozen_minilm_{split}.parquet"))
+        alone = features.map(lambda row: {"dialogue_id": f"{row['dialogue_id']}#{row['turn']}", "turn": 0})
+        alone.to_parquet(str(folder / f"{name}_frozen_minilm_{split}_alone.parquet"))
+
+
+def neighbour_mean(x: np.ndarray, conversations: np.ndarray, turns: np.ndarray, window: int | None) -> np.ndarray:
+    """[N, d]: the mean of the ``window`` previous and next utterances' rows of the same conversation (None: all
+    of them), the row itself excluded; zeros where a conversation has one utterance."""
+    out = np.zeros_like(x)
+    for conversation in np.unique(conversations):
+        rows = np.where(conversations == conversation)[0]
+        for i in rows:
+            near = rows[(rows != i) & ((window is None) | (np.abs(turns[rows] - turns[i]) <= (window or 0)))]
+            if len(near):
+                out[i] = x[near].mean(0)
+    return out
 
 
 #: all_results.json keys recorded for a train.py run (validation figures, the leave-one-speaker-out ones, selections)
@@ -309,6 +365,12 @@ def main():
     parser.add_argument("--padded_probe", action="store_true",
                         help="also the probe and the head on 30 s-padded vectors of EVERY clip (~10x the encoder time)")
     parser.add_argument("--probe_speeds", default="", help="e.g. 0.9,1.1: also the probe with speed-perturbed training clips")
+    parser.add_argument("--context_windows", default="",
+                        help="e.g. 1,2,4,all: also the text probe with the mean of that many neighbouring utterances")
+    parser.add_argument("--write_features", default="",
+                        help="DIR: also write the frozen text embeddings as train.py feature datasets (module doc)")
+    parser.add_argument("--probe_std", action="store_true",
+                        help="also the probe on every layer's mean and standard deviation (statistics pooling)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "merits-offline" / "bench"))
     parser.add_argument("--runs", default="", help="NAME=DIR[,NAME=DIR...]: train.py runs to record (module doc)")

@@ -306,3 +306,19 @@ def test_real_models_probe_adds_extra_views_to_training_rows_only(monkeypatch):
     trained = [f for f in fits if not isinstance(f, tuple)]
     # per fold: 7 C values on 2 training speakers (10 clips x 2 views), then the refit on 3 speakers (15 x 2)
     assert trained == ([20] * len(bench_real_models.C_GRID) + [30]) * 4
+
+
+def test_real_models_neighbour_mean_stays_inside_each_conversation():
+    """bench_real_models.neighbour_mean: the context probe's features average the k previous and next utterances of
+    the SAME conversation (never the utterance itself, never another conversation's)."""
+    from bench import bench_real_models
+
+    x = np.array([[1.0], [2.0], [4.0], [8.0], [100.0], [200.0]])
+    conversations = np.array(["a", "a", "a", "a", "b", "b"])
+    turns = np.array([0, 1, 2, 3, 0, 1])
+    one = bench_real_models.neighbour_mean(x, conversations, turns, 1)[:, 0]
+    assert one.tolist() == [2.0, 2.5, 5.0, 4.0, 200.0, 100.0]
+    every = bench_real_models.neighbour_mean(x, conversations, turns, None)[:, 0]
+    assert every.tolist() == [14 / 3, 13 / 3, 11 / 3, 7 / 3, 200.0, 100.0]
+    alone = bench_real_models.neighbour_mean(np.ones((1, 2)), np.array(["c"]), np.array([0]), None)
+    assert alone.tolist() == [[0.0, 0.0]]
