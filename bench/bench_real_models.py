@@ -288,28 +288,27 @@ def task_text(name: str, args) -> dict:
     y_train, y_dev = np.array(train["label"]), np.array(dev["label"])
     figures = {f"{name}/embedding_cpu_seconds": round(seconds, 1), f"{name}/train_utterances": len(train),
                f"{name}/dev_utterances": len(dev)}
-    # mean pooling as the model was trained; sentence-transformers' pipeline then L2-normalises (its Normalize module)
-    for tag, (a, b) in {"frozen_minilm_logreg": (x_train, x_dev),
-                        "frozen_minilm_l2_logreg": (x_train / np.linalg.norm(x_train, axis=1, keepdims=True),
-                                                    x_dev / np.linalg.norm(x_dev, axis=1, keepdims=True))}.items():
+
+    def dev_probe(tag: str, a: np.ndarray, b: np.ndarray) -> None:
+        """LR on ``a`` (train rows), C chosen on ``b`` (dev rows): dev weighted F1 / accuracy and C under ``tag``."""
         results = {C: scores(y_dev, logreg(C).fit(a, y_train).predict(b)) for C in C_GRID}
         best = max(C_GRID, key=lambda C: results[C]["weighted_f1"])
         figures.update({f"{name}/{tag}/dev_weighted_f1": round(results[best]["weighted_f1"], 4),
                         f"{name}/{tag}/dev_accuracy": round(results[best]["accuracy"], 4), f"{name}/{tag}/C": best})
-    if args.write_features:
-        write_feature_datasets(Path(args.write_features), name, {"train": (train, x_train), "validation": (dev, x_dev)})
+
+    # mean pooling as the model was trained; sentence-transformers' pipeline then L2-normalises (its Normalize module)
     unit = {"train": x_train / np.linalg.norm(x_train, axis=1, keepdims=True),
             "dev": x_dev / np.linalg.norm(x_dev, axis=1, keepdims=True)}
+    dev_probe("frozen_minilm_logreg", x_train, x_dev)
+    dev_probe("frozen_minilm_l2_logreg", unit["train"], unit["dev"])
+    if args.write_features:
+        write_feature_datasets(Path(args.write_features), name, {"train": (train, x_train), "validation": (dev, x_dev)})
     places = {"train": (np.array(train["dialogue_id"]), np.array(train["turn"])),
               "dev": (np.array(dev["dialogue_id"]), np.array(dev["turn"]))}
     for window in filter(None, args.context_windows.split(",")):
         k = None if window == "all" else int(window)
         a, b = (np.hstack([unit[s], neighbour_mean(unit[s], *places[s], k)]) for s in ("train", "dev"))
-        results = {C: scores(y_dev, logreg(C).fit(a, y_train).predict(b)) for C in C_GRID}
-        best = max(C_GRID, key=lambda C: results[C]["weighted_f1"])
-        tag = f"frozen_minilm_l2_context{window}_logreg"
-        figures.update({f"{name}/{tag}/dev_weighted_f1": round(results[best]["weighted_f1"], 4),
-                        f"{name}/{tag}/dev_accuracy": round(results[best]["accuracy"], 4), f"{name}/{tag}/C": best})
+        dev_probe(f"frozen_minilm_l2_context{window}_logreg", a, b)
     return figures
 
 
